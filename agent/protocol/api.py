@@ -1,0 +1,124 @@
+"""REST wire shapes between agent and server (JSON bodies of /api/v1/...).
+
+The server's pydantic models mirror these; the agent parses answers with the
+strict ``from_json`` constructors so a malformed reply is a ``ProtocolError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from agent.errors import ProtocolError
+from agent.protocol.manifest import check_sha256
+from agent.protocol.topics import check_device_id
+
+API_PREFIX = "/api/v1"
+ENROLL_PATH = f"{API_PREFIX}/enroll"
+CHECKIN_PATH = f"{API_PREFIX}/devices/{{device_id}}/checkin"
+EVENTS_PATH = f"{API_PREFIX}/devices/{{device_id}}/events"
+TUF_METADATA_PREFIX = "/tuf/metadata/"
+TUF_TARGETS_PREFIX = "/tuf/targets/"
+
+
+def _field(data: Any, key: str, kind: type) -> Any:
+    if not isinstance(data, dict) or not isinstance(data.get(key), kind):
+        raise ProtocolError(f"server reply lacks a valid {key!r}")
+    return data[key]
+
+
+@dataclass(frozen=True)
+class MqttCredentials:
+    host: str
+    port: int
+    username: str
+    password: str
+    tls: bool = False
+
+    @classmethod
+    def from_json(cls, data: Any) -> MqttCredentials:
+        return cls(
+            host=_field(data, "host", str),
+            port=_field(data, "port", int),
+            username=_field(data, "username", str),
+            password=_field(data, "password", str),
+            tls=bool(data.get("tls", False)),
+        )
+
+
+@dataclass(frozen=True)
+class EnrollResponse:
+    device_id: str
+    device_token: str
+    mqtt: MqttCredentials
+    tuf_root: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: Any) -> EnrollResponse:
+        return cls(
+            device_id=check_device_id(_field(data, "device_id", str)),
+            device_token=_field(data, "device_token", str),
+            mqtt=MqttCredentials.from_json(_field(data, "mqtt", dict)),
+            tuf_root=_field(data, "tuf_root", dict),
+        )
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """What a device runs now, as it reports in each check-in."""
+
+    name: str
+    release: int
+    variant: str
+    sha256: str
+    slot: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DesiredTarget:
+    """The director's answer: which signed target this device should run."""
+
+    target_path: str
+    name: str
+    release: int
+    variant: str
+
+    @classmethod
+    def from_json(cls, data: Any) -> DesiredTarget:
+        return cls(
+            target_path=_field(data, "target_path", str),
+            name=_field(data, "name", str),
+            release=_field(data, "release", int),
+            variant=_field(data, "variant", str),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CheckinResponse:
+    desired: DesiredTarget | None
+    poll_interval_s: float
+
+    @classmethod
+    def from_json(cls, data: Any) -> CheckinResponse:
+        raw = data.get("desired") if isinstance(data, dict) else None
+        interval = _field(data, "poll_interval_s", (int, float))  # type: ignore[arg-type]
+        return cls(
+            desired=DesiredTarget.from_json(raw) if raw is not None else None,
+            poll_interval_s=float(interval),
+        )
+
+
+def checkin_body(state: str, installed: InstalledModel | None, agent_version: str) -> dict[str, Any]:
+    if installed is not None:
+        check_sha256(installed.sha256)
+    return {
+        "state": state,
+        "installed": installed.to_json() if installed else None,
+        "agent_version": agent_version,
+    }
