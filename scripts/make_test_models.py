@@ -1,0 +1,392 @@
+#!/usr/bin/env python3
+"""Generate the committed test models under tests/fixtures/.
+
+Needs the `quantize` extra (TensorFlow CPU, scikit-learn) and no network: the digits
+data is scikit-learn's bundled copy and MobileNetV2 is built with random weights.
+
+    python scripts/make_test_models.py [--out tests/fixtures] [--only digits|mobilenet]
+
+Outputs (see tests/fixtures/README.md, which this script rewrites on a full run):
+  digits_{fp32,int8}_r{1,2}.tflite, digits_val.npz, digits_labels.txt,
+  mobilenetv2_int8.tflite, golden_frames/digit_<label>_<i>.{png,npy}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+# Quieten TensorFlow's C++ logging before it is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+try:
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+except ImportError as err:
+    sys.exit(f"make_test_models.py needs TensorFlow and scikit-learn (the quantize extra): {err}")
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+RepresentativeData = Callable[[], Iterator[list[FloatArray]]]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures"
+COMMAND = "python scripts/make_test_models.py"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of the generator, so a rerun with the same values gives the same files."""
+
+    seed: int = 20261126
+    image_size: int = 32
+    val_size: int = 300
+    r1_epochs: int = 20
+    r1_learning_rate: float = 1e-3
+    r2_epochs: int = 4
+    r2_learning_rate: float = 3e-4
+    r2_max_shift: int = 2
+    r2_noise_std: float = 0.03
+    batch_size: int = 32
+    calibration_samples: int = 200
+    mobilenet_classes: int = 100
+    mobilenet_size: int = 224
+    mobilenet_calibration_samples: int = 16
+    golden_frames: int = 5
+    # Refuse to write a README for digits models that regressed below this.
+    min_accuracy: float = 0.95
+    max_total_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass
+class Report:
+    """What the run measured; rendered into README.md."""
+
+    accuracy: dict[str, float] = field(default_factory=dict)
+    n_val: int = 0
+
+
+def load_digits_32(cfg: Config) -> tuple[FloatArray, IntArray, FloatArray, IntArray]:
+    """sklearn digits (8x8, 0..16) -> float32 (N,32,32,3) in [0,1], stratified split."""
+    digits = load_digits()
+    images = (digits.images.astype(np.float32) / 16.0)[..., np.newaxis]
+    resized = tf.image.resize(images, (cfg.image_size, cfg.image_size), method="bilinear")
+    x = np.clip(np.repeat(resized.numpy(), 3, axis=-1), 0.0, 1.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_train, x_val, y_train, y_val = train_test_split(
+        x, y, test_size=cfg.val_size, stratify=y, random_state=cfg.seed
+    )
+    return x_train, y_train, x_val, y_val
+
+
+def augment(x: FloatArray, cfg: Config, rng: np.random.Generator) -> FloatArray:
+    """Small random shifts plus Gaussian noise: the "fine-tuning" data of release 2."""
+    out = np.empty_like(x)
+    shifts = rng.integers(-cfg.r2_max_shift, cfg.r2_max_shift + 1, size=(len(x), 2))
+    for i, (dy, dx) in enumerate(shifts):
+        # Digits sit on a black background, so wrapping a 2-pixel border is harmless.
+        out[i] = np.roll(x[i], (int(dy), int(dx)), axis=(0, 1))
+    out += rng.normal(0.0, cfg.r2_noise_std, size=out.shape).astype(np.float32)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def build_digits_cnn(cfg: Config) -> Any:
+    """Small CNN with fixed layer names: the delta codec matches tensors by name."""
+    layers = tf.keras.layers
+    inp = tf.keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
+    x = layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inp)
+    x = layers.MaxPooling2D(name="pool1")(x)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu", name="conv2")(x)
+    x = layers.MaxPooling2D(name="pool2")(x)
+    x = layers.Conv2D(64, 3, padding="same", activation="relu", name="conv3")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dense(64, activation="relu", name="fc1")(x)
+    out = layers.Dense(10, activation="softmax", name="probs")(x)
+    return tf.keras.Model(inp, out, name="digits")
+
+
+def train(
+    model: Any, x: FloatArray, y: IntArray, *, epochs: int, learning_rate: float, cfg: Config
+) -> None:
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(x, y, epochs=epochs, batch_size=cfg.batch_size, shuffle=True, verbose=0)
+
+
+def to_tflite(model: Any, representative: RepresentativeData | None) -> bytes:
+    """FP32 when `representative` is None, else full-integer INT8 with int8 in/out."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if representative is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    # The Keras exporter prints its SavedModel signature to stdout; keep stdout for results.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return bytes(converter.convert())
+
+
+def calibration_from(x: FloatArray, n: int) -> RepresentativeData:
+    def gen() -> Iterator[list[FloatArray]]:
+        for i in range(min(n, len(x))):
+            yield [x[i : i + 1]]
+
+    return gen
+
+
+def tflite_accuracy(model_bytes: bytes, x: FloatArray, y: IntArray) -> float:
+    """Top-1 accuracy through the TFLite interpreter, quantizing int8 inputs as a device would."""
+    interp = tf.lite.Interpreter(model_content=model_bytes, num_threads=1)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]
+    outp = interp.get_output_details()[0]
+    correct = 0
+    for xi, yi in zip(x, y, strict=True):
+        sample = xi[np.newaxis]
+        if inp["dtype"] == np.int8:
+            scale, zero = inp["quantization"]
+            sample = np.clip(np.round(sample / scale) + zero, -128, 127).astype(np.int8)
+        interp.set_tensor(inp["index"], sample)
+        interp.invoke()
+        correct += int(np.argmax(interp.get_tensor(outp["index"])[0]) == yi)
+    return correct / len(y)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    log.info("wrote %s (%d bytes)", path, len(data))
+
+
+def write_golden_frames(out: Path, x: FloatArray, y: IntArray, cfg: Config) -> None:
+    """One frame per distinct label, as both PNG (uint8 RGB) and float32 .npy."""
+    frames = out / "golden_frames"
+    frames.mkdir(parents=True, exist_ok=True)
+    for old in frames.glob("digit_*"):
+        old.unlink()
+    seen: set[int] = set()
+    for i, (xi, yi) in enumerate(zip(x, y, strict=True)):
+        label = int(yi)
+        if label in seen:
+            continue
+        seen.add(label)
+        stem = frames / f"digit_{label}_{i}"
+        np.save(stem.with_suffix(".npy"), xi.astype(np.float32))
+        pixels = np.round(xi * 255.0).astype(np.uint8)
+        write_bytes(stem.with_suffix(".png"), bytes(tf.io.encode_png(pixels).numpy()))
+        if len(seen) == cfg.golden_frames:
+            break
+
+
+def seed_everything(seed: int) -> None:
+    """Reseeded per group so `--only X` makes the same files as a full run."""
+    tf.keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def make_digits(out: Path, cfg: Config, report: Report) -> None:
+    seed_everything(cfg.seed)
+    x_train, y_train, x_val, y_val = load_digits_32(cfg)
+    report.n_val = len(y_val)
+    calibration = calibration_from(x_train, cfg.calibration_samples)
+    model = build_digits_cnn(cfg)
+
+    train(
+        model, x_train, y_train, epochs=cfg.r1_epochs, learning_rate=cfg.r1_learning_rate, cfg=cfg
+    )
+    export_release(
+        out, model, release=1, calibration=calibration, x_val=x_val, y_val=y_val, report=report
+    )
+
+    # Release 2 continues from release 1 on shifted, noisy copies, so every weight moves a bit
+    # while the graph, and hence every tensor name, stays the same.
+    rng = np.random.default_rng(cfg.seed + 2)
+    x_aug = np.concatenate([x_train, augment(x_train, cfg, rng)])
+    y_aug = np.concatenate([y_train, y_train])
+    train(model, x_aug, y_aug, epochs=cfg.r2_epochs, learning_rate=cfg.r2_learning_rate, cfg=cfg)
+    export_release(
+        out, model, release=2, calibration=calibration, x_val=x_val, y_val=y_val, report=report
+    )
+
+    np.savez_compressed(out / "digits_val.npz", x=x_val, y=y_val)
+    (out / "digits_labels.txt").write_text("".join(f"{i}\n" for i in range(10)))
+    write_golden_frames(out, x_val, y_val, cfg)
+
+
+def export_release(
+    out: Path,
+    model: Any,
+    *,
+    release: int,
+    calibration: RepresentativeData,
+    x_val: FloatArray,
+    y_val: IntArray,
+    report: Report,
+) -> None:
+    for variant, rep in (("fp32", None), ("int8", calibration)):
+        name = f"digits_{variant}_r{release}.tflite"
+        data = to_tflite(model, rep)
+        write_bytes(out / name, data)
+        report.accuracy[name] = tflite_accuracy(data, x_val, y_val)
+        log.info("%s: val accuracy %.4f", name, report.accuracy[name])
+
+
+def make_mobilenet(out: Path, cfg: Config) -> None:
+    seed_everything(cfg.seed + 1)
+    size = cfg.mobilenet_size
+    # A named input keeps the tensor name independent of Keras's global name counter.
+    model = tf.keras.applications.MobileNetV2(
+        input_shape=(size, size, 3),
+        input_tensor=tf.keras.Input((size, size, 3), name="image"),
+        weights=None,
+        classes=cfg.mobilenet_classes,
+    )
+    rng = np.random.default_rng(cfg.seed + 3)
+    # MobileNetV2 expects inputs preprocessed to [-1, 1].
+    shape = (cfg.mobilenet_calibration_samples, size, size, 3)
+    samples = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+    # With fresh BatchNorm statistics (mean 0, variance 1) activations shrink layer by layer to
+    # ~1e-12, giving a constant output and absurd quantization scales. One training-mode pass
+    # with momentum 0 sets every moving mean/variance to the statistics it actually sees, so
+    # activations keep a realistic range and the output depends on the input.
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    model([samples], training=True)
+    write_bytes(
+        out / "mobilenetv2_int8.tflite",
+        to_tflite(model, calibration_from(samples, len(samples))),
+    )
+
+
+def render_readme(out: Path, cfg: Config, report: Report) -> str:
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "README.md")
+    rows = "\n".join(
+        f"| `{p.relative_to(out)}` | {p.stat().st_size:,} | "
+        f"`{hashlib.sha256(p.read_bytes()).hexdigest()[:16]}` |"
+        for p in files
+    )
+    total = sum(p.stat().st_size for p in files)
+    acc = report.accuracy
+
+    def pct(name: str) -> str:
+        return f"{100 * acc[name]:.2f}%"
+
+    return f"""# Test fixtures
+
+Generated by `scripts/make_test_models.py`; do not edit by hand. Regenerate from the repo
+root, in a virtualenv with tensorflow-cpu 2.21, scikit-learn and numpy (the `quantize` extra;
+these files were made with `/tmp/tfvenv`, kept apart from the main venv), with
+
+    {COMMAND}
+
+No network is used; it takes about 30 s on 2 cores. Seeds are fixed (seed {cfg.seed}) and
+TensorFlow op determinism is on: a rerun on the same machine and versions gives byte-identical
+files, but other CPUs or TensorFlow versions give equivalent, not identical, models.
+`--only digits|mobilenet` remakes one group without touching README.md. Commit all files of
+one run together. `tests/test_fixtures_models.py` checks them with LiteRT (`ai_edge_litert`).
+
+## Files
+
+- `digits_fp32_r1.tflite`, `digits_int8_r1.tflite`: release 1 of a small CNN
+  (3 conv + GAP + 2 dense, softmax) trained {cfg.r1_epochs} epochs on scikit-learn's bundled
+  digits. Input `1x32x32x3`: the 8x8 image scaled to [0,1], bilinearly resized to 32x32 and
+  replicated to 3 channels. Output `1x10` softmax. INT8 is full-integer post-training
+  quantization (TFLite converter, {cfg.calibration_samples} training images as the
+  representative dataset) with int8 input and output tensors.
+- `digits_fp32_r2.tflite`, `digits_int8_r2.tflite`: release 2, "fine-tuned": release 1's
+  model trained {cfg.r2_epochs} more epochs (lr {cfg.r2_learning_rate}) on the training set
+  plus shifted (up to {cfg.r2_max_shift} px) and noisy (sigma {cfg.r2_noise_std}) copies.
+  Same graph, same tensor names and shapes as r1; every weight differs slightly.
+- `digits_val.npz`: the held-out stratified split ({report.n_val} images, never trained or
+  calibrated on): `x` float32 `(N,32,32,3)` in [0,1], `y` int64 `(N,)`.
+- `digits_labels.txt`: the 10 labels, one per line, in output order.
+- `mobilenetv2_int8.tflite`: `tf.keras.applications.MobileNetV2(input_shape=(224,224,3),
+  weights=None, classes={cfg.mobilenet_classes})`, random weights, full-integer INT8 (int8
+  in/out) calibrated on {cfg.mobilenet_calibration_samples} uniform random inputs in [-1,1].
+  BatchNorm moving statistics are set from one pass over those inputs, so activations keep
+  a realistic range and the softmax output varies with the input. For latency work; its
+  classes mean nothing.
+- `golden_frames/digit_<label>_<i>.{{png,npy}}`: {cfg.golden_frames} validation images
+  (`<i>` is the index in `digits_val.npz`), as 32x32 RGB uint8 PNG and as float32
+  `(32,32,3)` `.npy` in [0,1], for the agent's `dir:` frame source.
+
+## Accuracy on `digits_val.npz` (TFLite interpreter, 1 thread)
+
+| release | FP32 | INT8 |
+|---|---|---|
+| r1 | {pct("digits_fp32_r1.tflite")} | {pct("digits_int8_r1.tflite")} |
+| r2 | {pct("digits_fp32_r2.tflite")} | {pct("digits_int8_r2.tflite")} |
+
+INT8 inputs are quantized as a device does: `round(x / scale) + zero_point`, clipped to int8.
+
+## Sizes
+
+| file | bytes | sha256 (first 16) |
+|---|---|---|
+{rows}
+
+Total: {total:,} bytes.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+    parser.add_argument(
+        "--only", choices=("digits", "mobilenet"), help="make one group; README is not rewritten"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # TensorFlow's own chatter (SavedModel export, interpreter deprecation) buries the results.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="tensorflow")
+
+    cfg = Config()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    report = Report()
+    if args.only in (None, "digits"):
+        make_digits(out, cfg, report)
+    if args.only in (None, "mobilenet"):
+        make_mobilenet(out, cfg)
+
+    for name, value in sorted(report.accuracy.items()):
+        print(f"{name:28s} val accuracy {value:.4f}")
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"total fixture size: {total:,} bytes")
+    if total > cfg.max_total_bytes:
+        log.error("fixtures total %d bytes, over the %d limit", total, cfg.max_total_bytes)
+        return 1
+    weak = {name: acc for name, acc in report.accuracy.items() if acc < cfg.min_accuracy}
+    if weak:
+        log.error("accuracy below %.2f: %s", cfg.min_accuracy, weak)
+        return 1
+    if args.only is None:
+        (out / "README.md").write_text(render_readme(out, cfg, report))
+        log.info("wrote %s", out / "README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
