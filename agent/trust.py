@@ -1,0 +1,266 @@
+"""The device's trust anchor: TUF metadata verification with python-tuf's ngclient.
+
+The device pins a root.json at provisioning. Every check-in refreshes the
+top-level metadata (root -> timestamp -> snapshot -> targets), which gives
+signature, version (rollback) and expiry (freeze) protection. Targets are
+fetched by ``agent.download`` (resumable) and then checked here against the
+signed length and sha256 before anything is installed.
+
+Every python-tuf failure becomes a ``VerificationError`` carrying the reason;
+network trouble is the ``TrustUnavailableError`` subclass, so a caller can
+retry later instead of reporting an attack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from tuf.api import exceptions as tuf_exc
+from tuf.ngclient.config import UpdaterConfig
+from tuf.ngclient.fetcher import FetcherInterface
+from tuf.ngclient.updater import Updater
+
+from agent.errors import ProtocolError, VerificationError
+from agent.protocol.api import TUF_METADATA_PREFIX, TUF_TARGETS_PREFIX
+from agent.protocol.manifest import check_sha256
+
+logger = logging.getLogger(__name__)
+
+_HASH_CHUNK = 1024 * 1024
+FLOAT_TAG = "__float__"
+
+
+class TrustUnavailableError(VerificationError):
+    """Metadata could not be fetched (server down, HTTP error): retry later."""
+
+
+@dataclass(frozen=True)
+class TrustLimits:
+    """Bounds for metadata fetching; python-tuf enforces the length caps."""
+
+    timeout_s: float = 30.0
+    chunk_size: int = 64 * 1024
+    root_max_length: int = 512_000
+    timestamp_max_length: int = 16_384
+    snapshot_max_length: int = 2_000_000
+    targets_max_length: int = 5_000_000
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What signed metadata says about one target (the server uses it too)."""
+
+    path: str
+    length: int
+    sha256: str
+    custom: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_custom(value: Any) -> Any:
+    """Make a JSON value signable: TUF's canonical JSON has no floats.
+
+    Each float becomes ``{"__float__": repr(value)}``, which round-trips
+    exactly; ``decode_custom`` undoes it. The server encodes, the device decodes,
+    so manifests keep real floats (quantization scales) on both sides.
+    """
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"custom metadata cannot carry {value}")
+        return {FLOAT_TAG: repr(value)}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError("custom metadata object keys must be strings")
+        return {k: encode_custom(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [encode_custom(v) for v in value]
+    raise TypeError(f"custom metadata cannot carry a {type(value).__name__}")
+
+
+def decode_custom(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {FLOAT_TAG}:
+            text = value[FLOAT_TAG]
+            number = float(text) if isinstance(text, str) else math.nan
+            if not math.isfinite(number):
+                raise ValueError(f"bad encoded float {text!r}")
+            return number
+        return {k: decode_custom(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_custom(v) for v in value]
+    return value
+
+
+class _SessionFetcher(FetcherInterface):
+    """python-tuf fetcher over a requests session (shared headers, proxies, TLS)."""
+
+    def __init__(self, session: requests.Session, limits: TrustLimits) -> None:
+        self._session = session
+        self._limits = limits
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        response = self._session.get(url, stream=True, timeout=self._limits.timeout_s)
+        if response.status_code >= 400:
+            response.close()
+            raise tuf_exc.DownloadHTTPError(
+                f"{url} answered HTTP {response.status_code}", response.status_code
+            )
+        return self._chunks(response)
+
+    def _chunks(self, response: requests.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_content(self._limits.chunk_size)
+        except requests.RequestException as err:
+            raise tuf_exc.DownloadError(f"connection lost: {err}") from err
+        finally:
+            response.close()
+
+
+def _as_verification_error(err: Exception, doing: str) -> VerificationError:
+    if isinstance(err, tuf_exc.DownloadLengthMismatchError):
+        return VerificationError(f"{doing}: metadata exceeds its length limit: {err}")
+    if isinstance(err, tuf_exc.DownloadError):
+        cause = err.__cause__ or err
+        return TrustUnavailableError(f"{doing}: {cause}")
+    name = type(err).__name__
+    return VerificationError(f"{doing}: {name}: {err}")
+
+
+class TrustClient:
+    """Verified view of the fleet server's TUF repository.
+
+    ``metadata_dir`` caches verified metadata between runs; it is what makes
+    rollback protection survive a restart. ``pinned_root`` is the root.json
+    installed at provisioning; None trusts the root already cached there.
+    """
+
+    def __init__(
+        self,
+        metadata_dir: Path,
+        base_url: str,
+        pinned_root: bytes | None,
+        session: requests.Session | None = None,
+        limits: TrustLimits | None = None,
+    ) -> None:
+        self.metadata_dir = Path(metadata_dir)
+        self.base_url = base_url.rstrip("/")
+        self._pinned_root = pinned_root
+        self._session = session or requests.Session()
+        self._limits = limits or TrustLimits()
+        self._updater: Updater | None = None
+
+    @property
+    def metadata_url(self) -> str:
+        return self.base_url + TUF_METADATA_PREFIX
+
+    @property
+    def targets_url(self) -> str:
+        return self.base_url + TUF_TARGETS_PREFIX
+
+    def _new_updater(self) -> Updater:
+        limits = self._limits
+        config = UpdaterConfig(
+            root_max_length=limits.root_max_length,
+            timestamp_max_length=limits.timestamp_max_length,
+            snapshot_max_length=limits.snapshot_max_length,
+            targets_max_length=limits.targets_max_length,
+        )
+        try:
+            self.metadata_dir.mkdir(parents=True, exist_ok=True)
+            # The pinned root is the trust anchor on every run; newer roots
+            # cached in metadata_dir are then re-verified from it.
+            return Updater(
+                str(self.metadata_dir),
+                self.metadata_url,
+                target_base_url=self.targets_url,
+                fetcher=_SessionFetcher(self._session, limits),
+                config=config,
+                bootstrap=self._pinned_root,
+            )
+        except FileNotFoundError as err:
+            raise VerificationError(
+                f"no pinned root and no cached root.json in {self.metadata_dir}"
+            ) from err
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError, ValueError) as err:
+            raise _as_verification_error(err, "pinned root is invalid") from err
+        except OSError as err:
+            raise VerificationError(f"cannot use metadata dir {self.metadata_dir}: {err}") from err
+
+    def refresh(self) -> None:
+        """Fetch and verify fresh top-level metadata (one Updater per refresh)."""
+        updater = self._new_updater()
+        try:
+            updater.refresh()
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as err:
+            self._updater = None
+            raise _as_verification_error(err, "TUF refresh failed") from err
+        except OSError as err:
+            self._updater = None
+            raise VerificationError(f"cannot write TUF metadata cache: {err}") from err
+        self._updater = updater
+        logger.debug("TUF metadata refreshed from %s", self.metadata_url)
+
+    def target_info(self, path: str) -> TargetInfo:
+        """Signed facts about ``path``; VerificationError if it is not a signed target."""
+        if self._updater is None:
+            self.refresh()
+        assert self._updater is not None  # set by refresh(), or it raised
+        try:
+            target = self._updater.get_targetinfo(path)
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as err:
+            raise _as_verification_error(err, f"looking up {path}") from err
+        except OSError as err:
+            raise VerificationError(f"cannot write TUF metadata cache: {err}") from err
+        if target is None:
+            raise VerificationError(f"{path} is not a signed target (unknown or revoked)")
+        sha256 = target.hashes.get("sha256")
+        if not isinstance(sha256, str):
+            raise VerificationError(f"target {path} has no sha256 hash in its metadata")
+        try:
+            check_sha256(sha256)
+        except ProtocolError as err:
+            raise VerificationError(f"target {path} sha256 is malformed") from err
+        try:
+            custom = decode_custom(target.custom if target.custom is not None else {})
+        except ValueError as err:
+            raise VerificationError(f"target {path} custom field is malformed: {err}") from err
+        if not isinstance(custom, dict):
+            raise VerificationError(f"target {path} custom field is not an object")
+        return TargetInfo(path=path, length=target.length, sha256=sha256, custom=custom)
+
+    def verify_file(self, info: TargetInfo, path: Path) -> None:
+        verify_file(info, path)
+
+
+def file_sha256(path: Path, chunk_size: int = _HASH_CHUNK) -> tuple[int, str]:
+    """Stream ``path`` and return (length, sha256 hex)."""
+    digest = hashlib.sha256()
+    length = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+            length += len(chunk)
+    return length, digest.hexdigest()
+
+
+def verify_file(info: TargetInfo, path: Path) -> None:
+    """Check a local file against signed length and sha256, streaming."""
+    try:
+        size = Path(path).stat().st_size
+        if size != info.length:
+            raise VerificationError(
+                f"{info.path}: file is {size} bytes, signed length is {info.length}"
+            )
+        _, digest = file_sha256(Path(path))
+    except OSError as err:
+        raise VerificationError(f"{info.path}: cannot read {path}: {err}") from err
+    if digest != info.sha256:
+        raise VerificationError(f"{info.path}: sha256 {digest} does not match signed {info.sha256}")
