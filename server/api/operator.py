@@ -1,0 +1,220 @@
+"""Operator routes (Bearer operator token): devices, models, assignments, tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import secrets
+import shutil
+from typing import Annotated, BinaryIO
+
+from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, UploadFile
+
+from agent.protocol.manifest import VARIANTS
+from server import store
+from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
+from server.api.schemas import (
+    DEVICE_ID,
+    AssignmentIn,
+    AssignmentOut,
+    DesiredOut,
+    DeviceDetailOut,
+    DeviceOut,
+    ErrorOut,
+    EventOut,
+    InstalledOut,
+    ModelName,
+    ModelOut,
+    Release,
+    TelemetryOut,
+    TokenIn,
+    TokenOut,
+    Variant,
+)
+from server.db import Device
+from server.errors import ConflictError, InvalidInputError, ModelValidationError
+from server.registry import publish_model
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorOut} for code in (401, 404, 409, 413, 422)
+}
+router = APIRouter(
+    prefix="/api/v1",
+    tags=["operator"],
+    route_class=OperatorRoute,
+    dependencies=[Depends(bearer_scheme)],
+    responses=_ERRORS,
+)
+# The model upload gets its own router so the app can give it a larger body limit.
+upload_router = APIRouter(
+    prefix="/api/v1",
+    tags=["operator"],
+    route_class=OperatorRoute,
+    dependencies=[Depends(bearer_scheme)],
+    responses=_ERRORS,
+)
+State = Annotated[AppState, Depends(app_state)]
+_COPY_CHUNK = 1024 * 1024
+_MAX_LABEL_CHARS = 128
+
+
+def device_out(device: Device) -> DeviceOut:
+    installed = None
+    if device.installed_name is not None:
+        installed = InstalledOut(
+            name=device.installed_name,
+            release=device.installed_release or 0,
+            variant=device.installed_variant or "",
+            sha256=device.installed_sha256 or "",
+            slot=device.installed_slot or "",
+        )
+    return DeviceOut(
+        id=device.id,
+        hardware_id=device.hardware_id,
+        profile=device.profile,
+        variant_preference=device.variant_preference,
+        tags=device.tags,
+        state=device.state,
+        agent_version=device.agent_version,
+        created_at=device.created_at,
+        last_seen=device.last_seen,
+        installed=installed,
+    )
+
+
+@router.get("/devices", response_model=list[DeviceOut])
+def list_devices(
+    st: State,
+    tag: Annotated[str | None, Query(max_length=200, description="key=value")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[DeviceOut]:
+    selector = store.parse_tag(tag) if tag is not None else None
+    with st.db.session() as s:
+        return [device_out(d) for d in store.list_devices(s, selector, limit, offset)]
+
+
+@router.get("/devices/{device_id}", response_model=DeviceDetailOut)
+def show_device(device_id: Annotated[str, Path(pattern=DEVICE_ID)], st: State) -> DeviceDetailOut:
+    with st.db.session() as s:
+        device = store.get_device(s, device_id)
+        desired = store.resolve_desired(s, device)
+        telemetry = store.latest_telemetry(s, device_id)
+        events = store.recent_events(s, device_id, st.config.recent_events)
+        base = device_out(device)
+        return DeviceDetailOut(
+            **base.model_dump(),
+            desired=DesiredOut(**desired.to_json()) if desired else None,
+            telemetry={t.channel: TelemetryOut.model_validate(t) for t in telemetry},
+            events=[EventOut.model_validate(e) for e in events],
+        )
+
+
+def _label_lines(raw: bytes) -> list[str]:
+    """A labels file: one label per line, or a JSON list of strings."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidInputError("labels file is not UTF-8 text") from err
+    if not text.lstrip().startswith("["):
+        return text.splitlines()
+    try:
+        items = json.loads(text)
+    except ValueError as err:
+        raise InvalidInputError("labels file starts with '[' but is not a JSON list") from err
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise InvalidInputError("a JSON labels file must be a list of strings")
+    return items
+
+
+def _labels(text: str | None, upload: UploadFile | None, limit: int) -> list[str]:
+    if text is not None and upload is not None:
+        raise InvalidInputError("give labels either as a comma list or as a file, not both")
+    if upload is not None:
+        items = _label_lines(upload.file.read(limit * (_MAX_LABEL_CHARS + 4) + 2))
+    else:
+        items = (text or "").split(",")
+    labels = [item.strip() for item in items if item.strip()]
+    if len(labels) > limit:
+        raise InvalidInputError(f"at most {limit} labels are allowed")
+    if any(len(label) > _MAX_LABEL_CHARS or not label.isprintable() for label in labels):
+        raise InvalidInputError(f"labels must be printable and at most {_MAX_LABEL_CHARS} chars")
+    return labels
+
+
+def _spool(source: BinaryIO, folder: pathlib.Path) -> pathlib.Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"upload-{secrets.token_hex(8)}.tflite"
+    with open(path, "wb") as out:
+        shutil.copyfileobj(source, out, _COPY_CHUNK)
+    return path
+
+
+@upload_router.post("/models", response_model=ModelOut, status_code=201)
+def publish(
+    *,
+    st: State,
+    file: Annotated[UploadFile, File(description="the INT8 .tflite model")],
+    name: Annotated[ModelName, Form()],
+    release: Annotated[Release, Form()],
+    variant: Annotated[Variant, Form()],
+    labels: Annotated[str | None, Form(description="comma-separated labels")] = None,
+    labels_file: Annotated[UploadFile | None, File(description="one label per line")] = None,
+    fp32_length: Annotated[int | None, Form(ge=1)] = None,
+) -> ModelOut:
+    """Validate, sign and publish a model release as a TUF target."""
+    if variant not in VARIANTS:
+        raise InvalidInputError(f"unknown variant {variant!r}; expected {', '.join(VARIANTS)}")
+    label_list = _labels(labels, labels_file, st.config.max_labels)
+    with st.publish_lock:
+        with st.db.session() as s:
+            if store.model_exists(s, name, release, variant):
+                raise ConflictError(
+                    f"model {name} release {release} variant {variant} is already published"
+                )
+        upload = _spool(file.file, st.config.upload_dir)
+        try:
+            manifest = publish_model(
+                st.repo, upload, name, release, variant, labels=label_list, fp32_length=fp32_length
+            )
+        except ModelValidationError as err:
+            # Name the client's file, not the server's spool path.
+            shown = f"uploaded file {file.filename or 'model'!r}"
+            raise ModelValidationError(str(err).replace(str(upload), shown)) from err
+        finally:
+            upload.unlink(missing_ok=True)
+        with st.db.session() as s:
+            row = store.add_model(s, manifest)
+            out = ModelOut.model_validate(row)
+    log.info("published model %s@%s %s (%s bytes)", name, release, variant, manifest.length)
+    return out
+
+
+@router.get("/models", response_model=list[ModelOut])
+def list_models(st: State, name: Annotated[ModelName | None, Query()] = None) -> list[ModelOut]:
+    with st.db.session() as s:
+        return [ModelOut.model_validate(m) for m in store.list_models(s, name)]
+
+
+@router.post("/assignments", response_model=AssignmentOut, status_code=201)
+def assign(body: AssignmentIn, st: State) -> AssignmentOut:
+    """Assign a published release to one device or to every device with a tag."""
+    with st.db.session() as s:
+        row = store.create_assignment(s, body.name, body.release, body.device_id, body.tag)
+        out = AssignmentOut.model_validate(row)
+    log.info("assigned %s@%s to %s %s", body.name, body.release, row.target_kind, row.target_value)
+    return out
+
+
+@router.post("/enrollment-tokens", response_model=TokenOut, status_code=201)
+def create_token(st: State, body: Annotated[TokenIn | None, Body()] = None) -> TokenOut:
+    """Create an enrollment token (shown once; only its hash is stored)."""
+    body = body or TokenIn()
+    with st.db.session() as s:
+        token, row = store.create_enrollment_token(s, body.max_uses, body.expires_in_s, body.note)
+        return TokenOut(
+            token=token, expires_at=row.expires_at, max_uses=row.max_uses, note=row.note
+        )

@@ -1,0 +1,226 @@
+"""Pydantic request and response models of REST v1.
+
+Device-facing answers mirror ``agent/protocol/api.py`` field for field. Input
+is strict (no "5" for 5) and bounded; device requests ignore unknown fields so
+newer agents keep working, operator requests forbid them to catch typos.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from agent.protocol.manifest import VARIANTS
+from server.db import as_utc
+from server.errors import ServerError
+from server.store import TAG_KEY, TAG_VALUE, parse_tag
+
+DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MODEL_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+SHA256 = r"^[0-9a-f]{64}$"
+MAX_RELEASE = 2**31 - 1
+
+Secret = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+HardwareId = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,128}$")]
+Profile = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+Version = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z.+-]{1,32}$")]
+State = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")]
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME)]
+Release = Annotated[int, Field(ge=1, le=MAX_RELEASE)]
+Variant = Annotated[str, StringConstraints(max_length=32)]
+TagKey = Annotated[str, StringConstraints(pattern=TAG_KEY.pattern)]
+TagValue = Annotated[str, StringConstraints(pattern=TAG_VALUE.pattern)]
+# SQLite returns naive datetimes; every stored time is UTC, so say so on the wire.
+UtcTime = Annotated[datetime, AfterValidator(as_utc)]
+
+
+def _check_variant(value: str) -> str:
+    if value not in VARIANTS:
+        raise ValueError(f"unknown variant {value[:32]!r}; expected one of {', '.join(VARIANTS)}")
+    return value
+
+
+class _DeviceInput(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class _OperatorInput(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class EnrollIn(_DeviceInput):
+    token: Secret
+    hardware_id: HardwareId
+    profile: Profile
+    variant_preference: Annotated[list[Variant], Field(min_length=1, max_length=len(VARIANTS))]
+    tags: Annotated[dict[TagKey, TagValue], Field(max_length=64)] = Field(default_factory=dict)
+    agent_version: Version
+
+    @field_validator("variant_preference")
+    @classmethod
+    def _variants(cls, value: list[str]) -> list[str]:
+        for variant in value:
+            _check_variant(variant)
+        if len(set(value)) != len(value):
+            raise ValueError("variant_preference lists a variant twice")
+        return value
+
+
+class MqttOut(BaseModel):
+    host: str
+    port: int
+    username: str
+    password: str
+    tls: bool
+
+
+class EnrollOut(BaseModel):
+    device_id: str
+    device_token: str
+    mqtt: MqttOut
+    tuf_root: dict[str, Any]
+
+
+class InstalledIn(_DeviceInput):
+    name: ModelName
+    release: Release
+    variant: Variant
+    sha256: Annotated[str, StringConstraints(pattern=SHA256)]
+    slot: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,16}$")]
+
+    _variant = field_validator("variant")(_check_variant)
+
+
+class CheckinIn(_DeviceInput):
+    state: State
+    installed: InstalledIn | None = None
+    agent_version: Version
+
+
+class DesiredOut(BaseModel):
+    target_path: str
+    name: str
+    release: int
+    variant: str
+
+
+class CheckinOut(BaseModel):
+    desired: DesiredOut | None
+    poll_interval_s: float
+
+
+class EventIn(_DeviceInput):
+    type: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    state: State | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class AssignmentIn(_OperatorInput):
+    name: ModelName
+    release: Release
+    device_id: Annotated[str, StringConstraints(pattern=DEVICE_ID)] | None = None
+    tag: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> AssignmentIn:
+        if (self.device_id is None) == (self.tag is None):
+            raise ValueError("give exactly one of device_id or tag")
+        if self.tag is not None:
+            try:
+                parse_tag(self.tag)
+            except ServerError as err:
+                raise ValueError(str(err)) from err
+        return self
+
+
+class TokenIn(_OperatorInput):
+    max_uses: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    expires_in_s: Annotated[float, Field(gt=0, le=10 * 365 * 86400)] | None = None
+    note: Annotated[str, StringConstraints(max_length=200)] = ""
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class InstalledOut(BaseModel):
+    name: str
+    release: int
+    variant: str
+    sha256: str
+    slot: str
+
+
+class DeviceOut(_Out):
+    id: str
+    hardware_id: str
+    profile: str
+    variant_preference: list[str]
+    tags: dict[str, str]
+    state: str
+    agent_version: str
+    created_at: UtcTime
+    last_seen: UtcTime | None
+    installed: InstalledOut | None
+
+
+class EventOut(_Out):
+    time: UtcTime
+    type: str
+    state: str | None
+    source: str
+    detail: dict[str, Any]
+
+
+class TelemetryOut(_Out):
+    channel: str
+    received_at: UtcTime
+    payload: dict[str, Any]
+
+
+class DeviceDetailOut(DeviceOut):
+    desired: DesiredOut | None
+    telemetry: dict[str, TelemetryOut]
+    events: list[EventOut]
+
+
+class ModelOut(_Out):
+    name: str
+    release: int
+    variant: str
+    sha256: str
+    length: int
+    target_path: str
+    fp32_length: int | None
+    labels: list[str]
+    created_at: UtcTime
+
+
+class AssignmentOut(_Out):
+    id: int
+    name: str
+    release: int
+    target_kind: str
+    target_value: str
+    created_at: UtcTime
+
+
+class TokenOut(BaseModel):
+    token: str
+    expires_at: UtcTime | None
+    max_uses: int | None
+    note: str
+
+
+class ErrorOut(BaseModel):
+    error: str

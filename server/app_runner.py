@@ -1,0 +1,215 @@
+"""Start and stop a whole fleet server in-process: keys, TUF repo, DB, broker, ingest, HTTP.
+
+``start_server(config)`` returns a ``ServerHandle`` with the live URL and MQTT
+port; tests, the demo and ``edgefleet-server run`` all use it. uvicorn (one
+worker) runs on its own thread on a socket bound here, so port 0 works.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from server.api import AppState, create_app
+from server.broker import INTERNAL_USERNAME, EmbeddedBroker, MqttAuthorizer
+from server.config import MqttEndpoint, ServerConfig, ensure_operator_token
+from server.db import Database
+from server.errors import ConfigError, ServerError
+from server.ingest import TelemetryIngest
+from server.keys import ROLES, init_keys, key_path
+from server.store import check_mqtt_password, new_secret
+from server.tuf_repo import TufRepository
+
+log = logging.getLogger(__name__)
+
+
+def open_or_create_repo(config: ServerConfig) -> TufRepository:
+    """Keys and repository are created on first start and reused afterwards."""
+    assert config.keys_dir is not None and config.repo_dir is not None
+    if not any(key_path(config.keys_dir, role).exists() for role in ROLES):
+        if TufRepository.exists(config.repo_dir):
+            raise ConfigError(
+                f"{config.repo_dir} holds a TUF repository but {config.keys_dir} has no keys; "
+                "restore the keys rather than re-creating them"
+            )
+        init_keys(config.keys_dir)
+    if TufRepository.exists(config.repo_dir):
+        return TufRepository.open(config.repo_dir, config.keys_dir)
+    return TufRepository.create(config.repo_dir, config.keys_dir)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}") from err
+    return sock
+
+
+@dataclass
+class ServerHandle:
+    """A running server. ``stop()`` is idempotent."""
+
+    config: ServerConfig
+    url: str
+    operator_token: str
+    db: Database
+    repo: TufRepository
+    ingest: TelemetryIngest
+    broker: EmbeddedBroker | None
+    mqtt_host: str
+    mqtt_port: int
+    _uvicorn: uvicorn.Server | None = None
+    _thread: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _refresher: threading.Thread | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._uvicorn is not None and self._thread is not None:
+            self._uvicorn.should_exit = True
+            self._thread.join(timeout=15)
+            self._uvicorn = None
+        self.ingest.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
+            self._refresher = None
+        self.db.dispose()
+        log.info("fleet server stopped")
+
+    def start_refresher(self) -> None:
+        self._refresher = threading.Thread(
+            target=self._refresh_loop, name="tuf-refresh", daemon=True
+        )
+        self._refresher.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.config.tuf_refresh_interval_s):
+            try:
+                self.repo.refresh()
+            except ServerError as err:
+                log.error("re-signing TUF metadata failed: %s", err)
+
+
+def _start_mqtt(
+    cfg: ServerConfig, db: Database
+) -> tuple[EmbeddedBroker | None, MqttEndpoint, MqttEndpoint]:
+    """(embedded broker or None, where ingest connects, what devices are told)."""
+    external = cfg.mqtt_endpoint()
+    if external is not None:
+        public = MqttEndpoint(
+            cfg.mqtt_public_host or external.host,
+            cfg.mqtt_public_port or external.port,
+            tls=cfg.mqtt_public_tls or external.tls,
+        )
+        return None, external, public
+    internal_password = new_secret()
+
+    def check_device(username: str, password: str) -> bool:
+        with db.session() as s:
+            return check_mqtt_password(s, username, password)
+
+    broker = EmbeddedBroker(
+        cfg.mqtt_bind_host,
+        cfg.mqtt_bind_port,
+        MqttAuthorizer(internal_password, check_device),
+        cfg.broker_max_connections,
+    )
+    port = broker.start(cfg.startup_timeout_s)
+    endpoint = MqttEndpoint(cfg.mqtt_bind_host, port, INTERNAL_USERNAME, internal_password)
+    public = MqttEndpoint(
+        cfg.mqtt_public_host or cfg.mqtt_bind_host,
+        cfg.mqtt_public_port or port,
+        tls=cfg.mqtt_public_tls,
+    )
+    return broker, endpoint, public
+
+
+def _start_http(
+    cfg: ServerConfig, state: AppState, sock: socket.socket
+) -> tuple[uvicorn.Server, threading.Thread]:
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(state),
+            log_level=cfg.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+    )
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + cfg.startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise ServerError(f"HTTP server did not start on {cfg.host}:{cfg.port}")
+        time.sleep(0.02)
+    return server, thread
+
+
+def _display_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if ipaddress.ip_address(host).is_unspecified:
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def start_server(config: ServerConfig) -> ServerHandle:
+    """Bring up every component; on any failure, stop what was started and re-raise."""
+    cfg = config.resolve()
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    token = ensure_operator_token(cfg)
+    repo = open_or_create_repo(cfg)
+    assert cfg.db_url is not None
+    db = Database(cfg.db_url)
+    db.create_all()
+    broker: EmbeddedBroker | None = None
+    ingest: TelemetryIngest | None = None
+    sock: socket.socket | None = None
+    try:
+        broker, endpoint, public = _start_mqtt(cfg, db)
+        ingest = TelemetryIngest(
+            db, endpoint, cfg.ingest_client_id, cfg.max_telemetry_bytes, cfg.mqtt_keepalive_s
+        )
+        ingest.start(cfg.startup_timeout_s)
+        sock = _bind(cfg.host, cfg.port)
+        server, thread = _start_http(cfg, AppState(cfg, db, repo, token, public), sock)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        if ingest is not None:
+            ingest.stop()
+        if broker is not None:
+            broker.stop()
+        db.dispose()
+        raise
+    handle = ServerHandle(
+        config=cfg,
+        url=_display_url(sock),
+        operator_token=token,
+        db=db,
+        repo=repo,
+        ingest=ingest,
+        broker=broker,
+        mqtt_host=public.host,
+        mqtt_port=public.port,
+        _uvicorn=server,
+        _thread=thread,
+    )
+    handle.start_refresher()
+    log.info("fleet server API at %s (MQTT %s:%s)", handle.url, public.host, public.port)
+    return handle

@@ -1,0 +1,208 @@
+"""Telemetry subscriber: stores each device's latest MQTT payload per channel.
+
+A paho-mqtt 2 client with a fixed client id and a persistent session
+(clean_session False) subscribes to ``edgefleet/v1/devices/+/+`` at QoS 1.
+paho acknowledges a QoS 1 message only after ``on_message`` returns, so a
+message is in the database before the broker may forget it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.errors import ProtocolError
+from agent.protocol import topics
+from server.config import MqttEndpoint
+from server.db import Database
+from server.errors import ServerError
+from server.store import store_telemetry
+
+log = logging.getLogger(__name__)
+
+SUBSCRIPTION = f"{topics.PREFIX}/+/+"
+_STORED_CHANNELS = ("telemetry", "events", "state", "results")
+_MAX_STATUS_CHARS = 64
+
+
+class IngestError(ServerError):
+    """The telemetry subscriber could not connect or publish."""
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    stored: int
+    rejected: int
+
+
+def decode_payload(channel: str, payload: bytes, max_bytes: int) -> dict[str, Any]:
+    """A JSON object payload, bounded in size; a bare status word is allowed on ``state``."""
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ProtocolError("payload is not UTF-8") from err
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        # Last wills are often a plain word such as "offline".
+        word = text.strip()
+        if channel == "state" and 0 < len(word) <= _MAX_STATUS_CHARS and word.isprintable():
+            return {"status": word}
+        raise ProtocolError("payload is not JSON") from err
+    if isinstance(value, str) and channel == "state" and 0 < len(value) <= _MAX_STATUS_CHARS:
+        return {"status": value}
+    if not isinstance(value, dict):
+        raise ProtocolError("payload is not a JSON object")
+    return value
+
+
+def discard_session(endpoint: MqttEndpoint, client_id: str, timeout: float = 10.0) -> None:
+    """Drop the broker's persistent session for ``client_id`` (a clean-session connect does).
+
+    For tests and decommissioning: a forgotten persistent session keeps
+    queueing every device message on an external broker.
+    """
+    done = threading.Event()
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=True,
+        protocol=paho.MQTTv311,
+    )
+    if endpoint.username is not None:
+        client.username_pw_set(endpoint.username, endpoint.password)
+    if endpoint.tls:
+        client.tls_set()
+    client.on_connect = lambda *_args: done.set()
+    try:
+        client.connect(endpoint.host, endpoint.port)
+    except OSError as err:
+        raise IngestError(f"cannot reach MQTT broker {endpoint.host}:{endpoint.port}") from err
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            raise IngestError("MQTT broker did not answer the clean-session connect")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+class TelemetryIngest:
+    """Owns the server's MQTT client; also the path for commands to devices."""
+
+    def __init__(
+        self,
+        db: Database,
+        endpoint: MqttEndpoint,
+        client_id: str,
+        max_payload_bytes: int,
+        keepalive_s: int = 30,
+    ) -> None:
+        self._db = db
+        self._endpoint = endpoint
+        self._max_payload = max_payload_bytes
+        self._keepalive = keepalive_s
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._stored = 0
+        self._rejected = 0
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=paho.MQTTv311,
+        )
+        if endpoint.username is not None:
+            client.username_pw_set(endpoint.username, endpoint.password)
+        if endpoint.tls:
+            client.tls_set()
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+
+    @property
+    def stats(self) -> IngestStats:
+        with self._lock:
+            return IngestStats(self._stored, self._rejected)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Connect and subscribe; keeps reconnecting in the background afterwards."""
+        self._client.connect_async(self._endpoint.host, self._endpoint.port, self._keepalive)
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self.stop()
+            raise IngestError(
+                f"could not connect to MQTT broker {self._endpoint.host}:{self._endpoint.port}"
+            )
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    def publish_command(self, device_id: str, payload: dict[str, Any]) -> None:
+        """Send a command to one device on its ``cmd`` topic at QoS 1."""
+        info = self._client.publish(
+            topics.topic(device_id, "cmd"), json.dumps(payload), qos=topics.QOS
+        )
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            reason = paho.error_string(info.rc)
+            raise IngestError(f"publishing a command to {device_id} failed: {reason}")
+
+    def _on_connect(
+        self, client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.error("MQTT broker refused the ingest client: %s", reason)
+            return
+        # Subscribe on every connect: an embedded broker restart loses sessions.
+        client.subscribe(SUBSCRIPTION, qos=topics.QOS)
+        self._connected.set()
+        log.info("ingest subscribed to %s", SUBSCRIPTION)
+
+    def _on_disconnect(
+        self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        self._connected.clear()
+        log.info("ingest disconnected from MQTT broker: %s", reason)
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            device_id, channel = topics.parse(message.topic)
+            if channel not in _STORED_CHANNELS:
+                return
+            payload = decode_payload(channel, bytes(message.payload), self._max_payload)
+            with self._db.session() as s:
+                known = store_telemetry(s, device_id, channel, payload)
+            if not known:
+                raise ProtocolError(f"unknown device {device_id!r}")
+        except ProtocolError as err:
+            with self._lock:
+                self._rejected += 1
+            log.warning("dropped MQTT message on %r: %s", message.topic[:200], err)
+            return
+        except Exception:
+            # A database error must not kill paho's network thread.
+            with self._lock:
+                self._rejected += 1
+            log.exception("storing MQTT message on %r failed", message.topic[:200])
+            return
+        with self._lock:
+            self._stored += 1

@@ -1,0 +1,126 @@
+"""``edgefleet-server``: run the fleet server (API, embedded broker, telemetry ingest)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from server import __version__
+from server.app_runner import start_server
+from server.config import OPERATOR_TOKEN_ENV, ServerConfig
+from server.errors import ServerError
+
+log = logging.getLogger("edgefleet.server")
+ENROLLMENT_TOKEN_ENV = "EDGEFLEET_ENROLLMENT_TOKEN"  # noqa: S105 - a variable name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgefleet-server", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edgefleet-server {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the fleet server until SIGTERM/SIGINT")
+    run.add_argument("--data", type=Path, required=True, help="data directory (DB, keys, repo)")
+    run.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free port)")
+    run.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
+    run.add_argument("--db-url", help="sqlite:///PATH or postgresql://USER@HOST/DB")
+    run.add_argument("--mqtt-url", help="external broker mqtt://user:pass@host:port")
+    run.add_argument("--mqtt-host", default="127.0.0.1", help="embedded broker listen address")
+    run.add_argument("--mqtt-port", type=int, default=0, help="embedded broker port (0 = free)")
+    run.add_argument("--mqtt-public-host", help="MQTT host handed to devices")
+    run.add_argument("--mqtt-public-port", type=int, help="MQTT port handed to devices")
+    run.add_argument(
+        "--operator-token",
+        help=f"operator bearer token (default: ${OPERATOR_TOKEN_ENV} "
+        "or DATA/operator.token, generated on first start)",
+    )
+    run.add_argument(
+        "--enrollment-token",
+        action="append",
+        default=[],
+        help=f"a static enrollment token (repeatable; also ${ENROLLMENT_TOKEN_ENV})",
+    )
+    run.add_argument(
+        "--ingest-client-id",
+        default="edgefleet-server-ingest",
+        help="MQTT client id of the telemetry subscriber (unique per server replica)",
+    )
+    run.add_argument("--poll-interval", type=float, default=30.0, help="device check-in seconds")
+    run.add_argument("--max-upload-mb", type=int, default=256, help="model upload size limit")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    tokens = list(args.enrollment_token)
+    if os.environ.get(ENROLLMENT_TOKEN_ENV):
+        tokens.append(os.environ[ENROLLMENT_TOKEN_ENV])
+    return ServerConfig(
+        data_dir=args.data,
+        host=args.host,
+        port=args.port,
+        db_url=args.db_url,
+        mqtt_url=args.mqtt_url,
+        mqtt_bind_host=args.mqtt_host,
+        mqtt_bind_port=args.mqtt_port,
+        mqtt_public_host=args.mqtt_public_host,
+        mqtt_public_port=args.mqtt_public_port,
+        operator_token=args.operator_token,
+        enrollment_tokens=tuple(tokens),
+        poll_interval_s=args.poll_interval,
+        ingest_client_id=args.ingest_client_id,
+        max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        log_level=args.log_level,
+    )
+
+
+def run(config: ServerConfig) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    handle = start_server(config)
+    source = (
+        "given"
+        if config.operator_token or os.environ.get(OPERATOR_TOKEN_ENV)
+        else (f"in {handle.config.token_file}")
+    )
+    log.info("EdgeFleet server %s: API %s (OpenAPI %s/docs)", __version__, handle.url, handle.url)
+    log.info(
+        "MQTT for devices: %s:%s; operator token %s", handle.mqtt_host, handle.mqtt_port, source
+    )
+    try:
+        stop.wait()
+    finally:
+        handle.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.log_level != "debug":
+        # amqtt logs every connection and state transition at INFO.
+        for noisy in ("amqtt", "transitions"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return run(config_from_args(args))
+    except ServerError as err:
+        print(f"edgefleet-server: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
