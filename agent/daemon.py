@@ -1,0 +1,221 @@
+"""The agent process: wires identity, profile, trust, slots, updater, inference and MQTT.
+
+The main thread checks in, runs updates and pings the systemd watchdog; the
+inference thread runs the active model; paho's thread and the outbox drain
+thread carry messages. Everything stops on SIGTERM within a few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import __version__, sdnotify
+from agent.client import DeviceClient
+from agent.config import AgentConfig
+from agent.download import DownloadLimits
+from agent.errors import AgentError, ConfigError
+from agent.fetch import FetchLimits, TufFetcher
+from agent.identity import Identity, load_identity, pinned_root
+from agent.mqtt import MqttSettings, Publisher
+from agent.outbox import Outbox, OutboxConfig
+from agent.profiles import Profile, default_profiles_dir, detect_profile, load_profiles
+from agent.sensors import idle_mw, make_sampler
+from agent.slots import SlotStore
+from agent.smoke import RuntimeChoice, smoke_test
+from agent.trust import TrustClient
+from agent.updater import Updater
+from agent.worker import InferenceWorker
+
+log = logging.getLogger(__name__)
+
+
+def resolve_profile(cfg: AgentConfig) -> Profile:
+    directory = Path(cfg.profiles_dir) if cfg.profiles_dir else default_profiles_dir()
+    return detect_profile(load_profiles(directory), Path(cfg.hw_root), cfg.profile)
+
+
+def runtime_choice(cfg: AgentConfig, profile: Profile) -> RuntimeChoice:
+    spec = profile.runtime
+    return RuntimeChoice(
+        runtime=cfg.inference.runtime or spec.type,
+        num_threads=cfg.inference.num_threads or spec.num_threads,
+        delegate=spec.delegate,
+        delegate_device=spec.delegate_device,
+    )
+
+
+@dataclass
+class Status:
+    """What the agent last did, for logs, sd_notify STATUS and the demo."""
+
+    checkins: int = 0
+    last_error: str | None = None
+    updates_committed: int = 0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.identity: Identity = load_identity(cfg.state_dir)
+        self.profile = resolve_profile(cfg)
+        self.choice = runtime_choice(cfg, self.profile)
+        server = cfg.server or self.identity.server
+        self.client = DeviceClient(server, self.identity.device_id, self.identity.device_token)
+        self.slots = SlotStore(cfg.state_dir / "slots")
+        self.outbox = Outbox(
+            cfg.state_dir / "outbox.sqlite", OutboxConfig(max_bytes=cfg.telemetry.outbox_max_bytes)
+        )
+        mq = self.identity.mqtt
+        self.publisher = Publisher(
+            self.identity.device_id,
+            MqttSettings(mq.host, mq.port, mq.username, mq.password, mq.tls),
+            self.outbox,
+        )
+        self.sampler = make_sampler(self.profile, cfg.hw_root, window_s=cfg.telemetry.window_s)
+        self.worker = InferenceWorker(
+            self.choice,
+            cfg.inference.frames,
+            self.publisher.publish,
+            window_s=cfg.telemetry.window_s,
+            results_every=cfg.inference.results_every,
+            top_k=cfg.inference.top_k,
+            max_fps=cfg.inference.max_fps,
+            warmup=cfg.telemetry.warmup_inferences,
+            extra_telemetry=self._static_telemetry,
+            power=self.sampler,
+            idle_mw=idle_mw(self.profile),
+        )
+        trust = TrustClient(cfg.state_dir / "tuf", server, pinned_root(cfg.state_dir))
+        up = cfg.update
+        limits = FetchLimits(
+            max_model_bytes=up.max_model_bytes,
+            download=DownloadLimits(
+                retries=up.download_retries,
+                backoff_base_s=up.download_backoff_s,
+                timeout_s=up.download_timeout_s,
+            ),
+        )
+        self.updater = Updater(
+            cfg.state_dir,
+            self.slots,
+            TufFetcher(trust, server, limits),
+            smoke_test=lambda path, manifest: smoke_test(path, manifest, self.choice),
+            activate=self.worker.swap,
+            health_check=lambda: self.worker.wait_healthy(up.health_inferences, timeout_s=60.0),
+            report=self._report,
+        )
+        self.status = Status()
+        self.poll_interval_s = up.poll_interval_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+
+    def _static_telemetry(self) -> dict[str, Any]:
+        return {"profile": self.profile.name, "runtime": self.choice.runtime,
+                "threads": self.choice.num_threads, "agent_version": __version__}
+
+    def _report(self, kind: str, state: str, detail: dict[str, Any]) -> None:
+        self.publisher.publish("events", {"type": kind, "state": state, "detail": detail})
+        try:
+            self.client.event(kind, state, detail)
+        except AgentError as err:
+            log.debug("event %s/%s not posted over HTTP (queued on MQTT): %s", kind, state, err)
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self.sampler.start()
+        self.publisher.start()
+        self.updater.resume()
+        active = self.slots.active()
+        if active is not None:
+            try:
+                self.worker.swap(self.slots.model_path(active), self.slots.manifest(active))
+            except AgentError as err:
+                log.error("active model in slot %s does not load: %s", active, err)
+                self.status.last_error = str(err)
+        self.worker.start()
+        log.info(
+            "agent %s started: device %s, profile %s, runtime %s x%d",
+            __version__, self.identity.device_id, self.profile.name,
+            self.choice.runtime, self.choice.num_threads,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        sdnotify.stopping()
+        self.worker.stop()
+        self.sampler.stop()
+        self.publisher.stop()
+        self.outbox.close()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def checkin_once(self) -> bool:
+        """One check-in, and the update it asks for. True when a model was committed."""
+        try:
+            reply = self.client.checkin(self.updater.record.state.value, self.updater.installed())
+        except AgentError as err:
+            self.status.last_error = str(err)
+            log.warning("check-in failed: %s", err)
+            return False
+        self.status.checkins += 1
+        self.poll_interval_s = max(1.0, reply.poll_interval_s)
+        if not self.updater.wants(reply.desired):
+            return False
+        assert reply.desired is not None
+        committed = self.updater.update(reply.desired)
+        if committed:
+            self.status.updates_committed += 1
+        else:
+            self.status.last_error = self.updater.record.reason
+        return committed
+
+    def run_forever(self) -> None:
+        self.start()
+        sdnotify.ready()
+        watchdog = sdnotify.watchdog_interval()
+        ping_every = watchdog / 2 if watchdog else 5.0
+        next_checkin = 0.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_checkin:
+                    self.checkin_once()
+                    next_checkin = time.monotonic() + self.poll_interval_s
+                self._handle_commands()
+                if self.worker.alive:
+                    sdnotify.watchdog()
+                sdnotify.status(self._status_line())
+                self._wake.wait(timeout=min(ping_every, max(0.1, next_checkin - time.monotonic())))
+                if self._wake.is_set() and not self._stop.is_set():
+                    next_checkin = 0.0
+                self._wake.clear()
+        finally:
+            self.stop()
+
+    def _handle_commands(self) -> None:
+        while not self.publisher.commands.empty():
+            command = self.publisher.commands.get_nowait()
+            if command.get("action") == "checkin":
+                self._wake.set()
+            else:
+                log.warning("unknown command %r", command.get("action"))
+
+    def _status_line(self) -> str:
+        installed = self.updater.installed()
+        model = f"{installed.name}@{installed.release}" if installed else "no model"
+        return f"{model}; {self.worker.total_inferences} inferences; {self.status.checkins} check-ins"
+
+
+def ensure_state_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as err:
+        raise ConfigError(f"cannot create state directory {path}: {err}") from err

@@ -1,0 +1,195 @@
+"""EdgeFleet demo: a fleet server and three camera agents on loopback.
+
+Starts the server (SQLite, embedded MQTT broker), publishes the digits
+classifier release 1 as a signed TUF target, enrolls three agents on fake
+board trees (Raspberry Pi 4, Jetson Orin Nano, x86 gateway), assigns the
+release and waits until every agent has verified, installed and smoke-tested
+it and reports real LiteRT latency. Then it prints one row per device.
+
+    scripts/dev demo            # run once and exit
+    scripts/dev demo --serve    # keep the fleet running (Ctrl-C to stop)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from server.app_runner import ServerHandle, start_server  # noqa: E402
+from server.config import ServerConfig  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+BOARDS = ROOT / "tests" / "boards"
+DEVICES = [("rpi4", "store-001"), ("jetson-orin-nano", "store-002"), ("x86-gateway", "store-003")]
+MODEL = "digits"
+
+
+class Demo:
+    def __init__(self, work: Path, quiet: bool) -> None:
+        self.work = work
+        self.quiet = quiet
+        self.server: ServerHandle | None = None
+        self.agents: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def log(self, text: str) -> None:
+        print(f"[demo] {text}", flush=True)
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        assert self.server is not None
+        headers = {"Authorization": f"Bearer {self.server.operator_token}"}
+        resp = requests.request(method, self.server.url + path, headers=headers, timeout=30, **kwargs)
+        if resp.status_code >= 400:
+            raise SystemExit(f"demo: {method} {path} failed: {resp.status_code} {resp.text[:300]}")
+        return resp.json()
+
+    def start_server(self) -> None:
+        cfg = ServerConfig(data_dir=self.work / "server", port=0, poll_interval_s=2.0)
+        self.server = start_server(cfg)
+        self.log(f"fleet server at {self.server.url} (API docs {self.server.url}/docs), "
+                 f"MQTT broker on {self.server.mqtt_host}:{self.server.mqtt_port}")
+
+    def publish(self, release: int) -> None:
+        path = FIXTURES / f"digits_int8_r{release}.tflite"
+        fp32 = FIXTURES / f"digits_fp32_r{release}.tflite"
+        with open(path, "rb") as model, open(FIXTURES / "digits_labels.txt", "rb") as labels:
+            files = {"file": (path.name, model), "labels_file": ("labels.txt", labels)}
+            data = {"name": MODEL, "release": str(release), "variant": "int8-cpu",
+                    "fp32_length": str(fp32.stat().st_size)}
+            info = self.api("POST", "/api/v1/models", files=files, data=data)
+        self.log(f"published {MODEL}@{release} int8-cpu: {info.get('length')} bytes, "
+                 f"sha256 {str(info.get('sha256'))[:12]}…, signed as a TUF target")
+
+    def enroll_agents(self) -> None:
+        assert self.server is not None
+        token = self.api("POST", "/api/v1/enrollment-tokens")["token"]
+        for profile, store in DEVICES:
+            state = self.work / "agents" / profile
+            config = state / "agent.toml"
+            state.mkdir(parents=True, exist_ok=True)
+            config.write_text(
+                "[agent]\n"
+                f'state_dir = "{state}"\n'
+                f'hw_root = "{BOARDS / profile}"\n'
+                "[inference]\nnum_threads = 1\nmax_fps = 30\n"
+                "[telemetry]\nwindow_s = 2\n"
+                "[update]\npoll_interval_s = 2\n"
+            )
+            subprocess.run(
+                [sys.executable, "-m", "agent.cli", "enroll", "--server", self.server.url,
+                 "--token", token, "--config", str(config), "--root",
+                 str(self.server.repo.metadata_dir / "1.root.json"),
+                 "--hardware-id", f"demo-{profile}", "--tag", f"store={store}", "--tag", "fleet=demo"],
+                check=True, cwd=ROOT, stdout=subprocess.DEVNULL if self.quiet else None,
+            )
+            log_file = open(state / "agent.log", "wb")  # noqa: SIM115 - lives as long as the agent
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+            )
+            self.agents.append((profile, proc, state))
+        self.log(f"enrolled and started {len(self.agents)} agents: "
+                 + ", ".join(p for p, _, _ in self.agents))
+
+    def assign(self, release: int) -> None:
+        self.api("POST", "/api/v1/assignments", json={"name": MODEL, "release": release, "tag": "fleet=demo"})
+        self.log(f"assigned {MODEL}@{release} to tag fleet=demo")
+
+    def wait_for_release(self, release: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            rows = self.rows()
+            ready = [r for r in rows if r["release"] == release and r["p50"] is not None]
+            if len(ready) == len(self.agents):
+                return rows
+            for profile, proc, state in self.agents:
+                if proc.poll() is not None:
+                    tail = (state / "agent.log").read_text(errors="replace")[-2000:]
+                    raise SystemExit(f"demo: agent {profile} exited ({proc.returncode}):\n{tail}")
+            time.sleep(1.0)
+        raise SystemExit(f"demo: not every agent reported release {release} in {timeout_s:.0f}s")
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for device in self.api("GET", "/api/v1/devices"):
+            detail = self.api("GET", f"/api/v1/devices/{device['id']}")
+            latest = (detail.get("telemetry") or {}).get("telemetry") or {}
+            telemetry = latest.get("payload") or {}
+            invoke = telemetry.get("invoke_ms") or {}
+            rows.append({
+                "device": device["id"],
+                "profile": device.get("profile"),
+                "release": telemetry.get("release"),
+                "p50": invoke.get("p50"),
+                "p99": invoke.get("p99"),
+                "fps": telemetry.get("fps"),
+            })
+        return rows
+
+    def table(self, rows: list[dict[str, Any]]) -> None:
+        assert self.server is not None
+        head = f"{'device':<26} {'profile':<18} {'release':>7} {'invoke p50 ms':>13} {'p99 ms':>8} {'fps':>7}"
+        print("\n" + head + "\n" + "-" * len(head))
+        for r in rows:
+            print(f"{r['device']:<26} {r['profile']:<18} {r['release']!s:>7} {r['p50']!s:>13} "
+                  f"{r['p99']!s:>8} {r['fps']!s:>7}")
+        print(f"\nAPI: {self.server.url}/api/v1  (docs {self.server.url}/docs)\n", flush=True)
+
+    def stop(self) -> None:
+        for _, proc, _ in self.agents:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc, _ in self.agents:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self.server is not None:
+            self.server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--serve", action="store_true", help="keep the fleet running until Ctrl-C")
+    parser.add_argument("--data", help="keep state in this directory instead of a temporary one")
+    parser.add_argument("--quiet", action="store_true", help="less output from the agents' enrollment")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    work = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
+    demo = Demo(work, args.quiet)
+    try:
+        demo.start_server()
+        demo.publish(1)
+        demo.enroll_agents()
+        demo.assign(1)
+        demo.table(demo.wait_for_release(1))
+        if args.serve:
+            demo.log("serving; Ctrl-C to stop")
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        demo.stop()
+        if not args.data:
+            shutil.rmtree(work, ignore_errors=True)
+    demo.log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
