@@ -90,6 +90,7 @@ class UpdateRecord:
 
     state: State = State.IDLE
     target_path: str | None = None
+    desired: dict[str, Any] | None = None
     target_sha256: str | None = None
     target_length: int | None = None
     manifest: dict[str, Any] | None = None
@@ -110,6 +111,7 @@ class UpdateRecord:
         return {
             "state": self.state.value,
             "target_path": self.target_path,
+            "desired": self.desired,
             "target_sha256": self.target_sha256,
             "target_length": self.target_length,
             "manifest": self.manifest,
@@ -130,6 +132,7 @@ class UpdateRecord:
             return cls(
                 state=State(data["state"]),
                 target_path=data.get("target_path"),
+                desired=data.get("desired"),
                 target_sha256=data.get("target_sha256"),
                 target_length=data.get("target_length"),
                 manifest=data.get("manifest"),

@@ -30,7 +30,7 @@ MAX_ATTEMPTS_PER_TARGET = 3
 class Fetcher(Protocol):
     """Gets a verified target file onto local disk (TUF + download, delta or full)."""
 
-    def fetch(self, record: UpdateRecord, desired: DesiredTarget, dest_dir: Path) -> FetchResult: ...
+    def fetch(self, record: UpdateRecord, desired: DesiredTarget, dest: Path) -> FetchResult: ...
 
     def manifest_for(self, desired: DesiredTarget) -> tuple[ModelManifest, dict[str, Any]]: ...
 
@@ -150,7 +150,12 @@ class Updater:
         if self.record.state is not State.IDLE:
             raise UpdateError("check_in", f"an update is already in state {self.record.state.value}")
         self._go(Event.START)
-        self._go(Event.UPDATE_AVAILABLE, target_path=desired.target_path, reason=None)
+        self._go(
+            Event.UPDATE_AVAILABLE,
+            target_path=desired.target_path,
+            desired=desired.to_json(),
+            reason=None,
+        )
         return self._run(desired)
 
     def _run(self, desired: DesiredTarget | None) -> bool:
@@ -183,7 +188,7 @@ class Updater:
             self._save(
                 replace(rec, manifest=custom, target_sha256=manifest.sha256, target_length=manifest.length)
             )
-            result = self.fetcher.fetch(self.record, desired, self.staging)
+            result = self.fetcher.fetch(self.record, desired, self._staged())
             self._safe_report("download", "done", {"via": result.via, **result.detail})
             return Event.SUCCESS, {"via": result.via, "bytes_downloaded": result.bytes_downloaded}
         if state is State.VERIFY:
@@ -245,12 +250,6 @@ def _require(value: str | None, step: str, reason: str) -> str:
 
 
 def _desired_from(record: UpdateRecord) -> DesiredTarget:
-    manifest = record.manifest or {}
-    if not record.target_path:
+    if not record.desired:
         raise UpdateError("download", "no target recorded to resume")
-    return DesiredTarget(
-        target_path=record.target_path,
-        name=str(manifest.get("name", "")),
-        release=int(manifest.get("release", 0)),
-        variant=str(manifest.get("variant", "")),
-    )
+    return DesiredTarget.from_json(record.desired)
