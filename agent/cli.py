@@ -39,7 +39,9 @@ def _config_for_enroll(args: argparse.Namespace) -> tuple[AgentConfig, Path | No
         return load_config(path), path
     if args.state_dir is None:
         raise AgentError("enroll needs --config (existing or to create) or --state-dir")
-    cfg = AgentConfig(state_dir=Path(args.state_dir).resolve(), server=args.server, profile=args.profile)
+    cfg = AgentConfig(
+        state_dir=Path(args.state_dir).resolve(), server=args.server, profile=args.profile
+    )
     return cfg, path
 
 
@@ -92,7 +94,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         "profile": ident.profile,
         "active_slot": slots.active(),
         "active_model": (
-            {k: manifest.get(k) for k in ("name", "release", "variant", "sha256")} if manifest else None
+            {k: manifest.get(k) for k in ("name", "release", "variant", "sha256")}
+            if manifest
+            else None
         ),
         "update_state": record.get("state"),
         "last_reason": record.get("reason"),

@@ -75,7 +75,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 def _coerce(where: str, key: str, value: Any, kind: Any) -> Any:
     if kind in ("float", float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    expected = {"str": str, "int": int, "float": float, "Path": str}.get(str(kind), None)
+    expected = {"str": str, "int": int, "float": float, "Path": str}.get(str(kind))
     if expected is None or (isinstance(value, expected) and not isinstance(value, bool)):
         return value
     raise ConfigError(f"{where}: {key} must be {expected.__name__}, got {type(value).__name__}")
@@ -115,7 +115,9 @@ def _check(cfg: AgentConfig, where: str) -> None:
         raise ConfigError(f"{where}: num_threads and max_fps must not be negative")
 
 
-def parse_config(data: dict[str, Any], where: str = "config", base: Path | None = None) -> AgentConfig:
+def parse_config(
+    data: dict[str, Any], where: str = "config", base: Path | None = None
+) -> AgentConfig:
     top = _build(AgentConfig, data.get("agent", {}), f"{where} [agent]")
     extra = sorted(set(data) - {"agent", *_SECTIONS})
     if extra:
@@ -156,5 +158,9 @@ def render_config(cfg: AgentConfig) -> str:
         lines.append(f"\n[{name}]")
         for f in fields(section):
             value = getattr(section, f.name)
-            lines.append(f"{f.name} = {json.dumps(value)}" if isinstance(value, str) else f"{f.name} = {value}")
+            lines.append(
+                f"{f.name} = {json.dumps(value)}"
+                if isinstance(value, str)
+                else f"{f.name} = {value}"
+            )
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ director can only pick among validly signed targets.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FetchLimits:
     max_model_bytes: int = 512 * 1024 * 1024
-    download: DownloadLimits = DownloadLimits()
+    download: DownloadLimits = field(default_factory=DownloadLimits)
 
 
 class TufFetcher:
@@ -46,7 +46,12 @@ class TufFetcher:
         info = self._info(record)
         url = target_url(self.base_url, info.path, info.sha256)
         result = download(url, dest, info.length, info.sha256, self.limits.download)
-        log.info("downloaded %s: %d bytes (resumed=%s)", info.path, result.bytes_transferred, result.resumed)
+        log.info(
+            "downloaded %s: %d bytes (resumed=%s)",
+            info.path,
+            result.bytes_transferred,
+            result.resumed,
+        )
         detail = {
             "via": "full",
             "bytes_downloaded": result.bytes_transferred,
@@ -65,11 +70,17 @@ class TufFetcher:
         return self.trust.target_info(record.target_path)
 
 
-def check_manifest(manifest: ModelManifest, info: TargetInfo, desired: DesiredTarget, max_bytes: int) -> None:
+def check_manifest(
+    manifest: ModelManifest, info: TargetInfo, desired: DesiredTarget, max_bytes: int
+) -> None:
     """The signed manifest must describe exactly the signed file the director named."""
     if manifest.sha256 != info.sha256 or manifest.length != info.length:
         raise VerificationError("manifest hash/length disagree with the signed target")
-    if (manifest.name, manifest.release, manifest.variant) != (desired.name, desired.release, desired.variant):
+    if (manifest.name, manifest.release, manifest.variant) != (
+        desired.name,
+        desired.release,
+        desired.variant,
+    ):
         raise VerificationError(
             f"director asked for {desired.name}@{desired.release}/{desired.variant} but "
             f"{info.path} is signed as {manifest.name}@{manifest.release}/{manifest.variant}"

@@ -21,7 +21,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.errors import TelemetryError
-from agent.outbox import Outbox
+from agent.outbox import Outbox, OutboxMessage
 from agent.protocol import topics
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class Publisher:
 
     def stop(self, flush_timeout_s: float = 5.0) -> None:
         deadline = time.monotonic() + flush_timeout_s
-        while self._connected.is_set() and self.outbox.pending() and time.monotonic() < deadline:
+        while self._connected.is_set() and self.outbox.bytes_used and time.monotonic() < deadline:
             self._wake.set()
             time.sleep(0.05)
         self._stop.set()
@@ -138,12 +138,13 @@ class Publisher:
                 if not rows or not self._send(rows):
                     break
 
-    def _send(self, rows: list[tuple[int, str, bytes]]) -> bool:
+    def _send(self, rows: list[OutboxMessage]) -> bool:
         pending = []
-        for seq, topic_name, payload in rows:
-            body = json.loads(payload)
+        for row in rows:
+            seq = row.seq
+            body = json.loads(row.payload)
             body["seq"] = seq
-            info = self.client.publish(topic_name, json.dumps(body), qos=1)
+            info = self.client.publish(row.topic, json.dumps(body), qos=1)
             if info.rc != paho.MQTT_ERR_SUCCESS:
                 return False
             pending.append((seq, info))

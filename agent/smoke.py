@@ -35,11 +35,13 @@ class RuntimeChoice:
         return load_model(path, self.runtime, self.num_threads, self.delegate, self.delegate_device)
 
 
-def signature_problem(declared: tuple[TensorSpec, ...], actual: tuple[TensorDetails, ...], what: str) -> str | None:
+def signature_problem(
+    declared: tuple[TensorSpec, ...], actual: tuple[TensorDetails, ...], what: str
+) -> str | None:
     """Why a model's tensors differ from the manifest's, or None."""
     if len(declared) != len(actual):
         return f"model has {len(actual)} {what}s, manifest declares {len(declared)}"
-    for want, got in zip(declared, actual):
+    for want, got in zip(declared, actual, strict=True):
         if tuple(want.shape) != got.shape or want.dtype != got.dtype:
             return (
                 f"{what} {got.name!r} is {got.dtype}{list(got.shape)}, "
@@ -61,9 +63,9 @@ def smoke_test(path: Path, manifest: ModelManifest, choice: RuntimeChoice) -> No
     except AgentError as err:
         raise SmokeTestError(f"model does not load: {err}") from err
     try:
-        problem = signature_problem(manifest.inputs, model.input_details, "input") or signature_problem(
-            manifest.outputs, model.output_details, "output"
-        )
+        problem = signature_problem(
+            manifest.inputs, model.input_details, "input"
+        ) or signature_problem(manifest.outputs, model.output_details, "output")
         if problem is None:
             problem = run_golden(model, manifest)
     except AgentError as err:

@@ -81,7 +81,9 @@ def next_state(state: State, event: Event) -> State:
     try:
         return TRANSITIONS[(state, event)]
     except KeyError:
-        raise TransitionError(f"event {event.value!r} is not allowed in state {state.value!r}") from None
+        raise TransitionError(
+            f"event {event.value!r} is not allowed in state {state.value!r}"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class Updater:
         state_dir: Path,
         slots: SlotStore,
         fetcher: Fetcher,
+        *,
         smoke_test: SmokeTest,
         activate: Activate,
         health_check: HealthCheck,
@@ -143,12 +144,14 @@ class Updater:
             return
         log.warning("resuming update interrupted in state %s", self.record.state.value)
         self._go(Event.RESTARTED, reason=f"agent restarted during {self.record.state.value}")
-        self._run(None)
+        self._run()
 
     def update(self, desired: DesiredTarget) -> bool:
         """Run a whole update to ``desired``; True when it was committed."""
         if self.record.state is not State.IDLE:
-            raise UpdateError("check_in", f"an update is already in state {self.record.state.value}")
+            raise UpdateError(
+                "check_in", f"an update is already in state {self.record.state.value}"
+            )
         self._go(Event.START)
         self._go(
             Event.UPDATE_AVAILABLE,
@@ -156,14 +159,14 @@ class Updater:
             desired=desired.to_json(),
             reason=None,
         )
-        return self._run(desired)
+        return self._run()
 
-    def _run(self, desired: DesiredTarget | None) -> bool:
+    def _run(self) -> bool:
         committed = False
         while self.record.state is not State.IDLE:
             state = self.record.state
             try:
-                event, changes = self._step(state, desired)
+                event, changes = self._step(state)
             except AgentError as err:
                 log.error("update step %s failed: %s", state.value, err)
                 event, changes = Event.FAILURE, {"reason": str(err)}
@@ -179,48 +182,66 @@ class Updater:
             self.failures[key] = self.failures.get(key, 0) + 1
             atomic_write_json(self._failures_path, self.failures)
 
-    def _step(self, state: State, desired: DesiredTarget | None) -> tuple[Event, dict[str, Any]]:
-        rec = self.record
-        if state is State.DOWNLOAD:
-            if desired is None:
-                desired = _desired_from(rec)
-            manifest, custom = self.fetcher.manifest_for(desired)
-            self._save(
-                replace(rec, manifest=custom, target_sha256=manifest.sha256, target_length=manifest.length)
-            )
-            result = self.fetcher.fetch(self.record, desired, self._staged())
-            self._safe_report("download", "done", {"via": result.via, **result.detail})
-            return Event.SUCCESS, {"via": result.via, "bytes_downloaded": result.bytes_downloaded}
-        if state is State.VERIFY:
-            self.fetcher.verify(rec, self._staged())
-            return Event.SUCCESS, {}
-        if state is State.INSTALL:
-            plan = self.slots.plan()
-            self.slots.write(plan, self._staged(), rec.manifest or {})
-            return Event.SUCCESS, {"slot": plan.slot, "previous_slot": plan.previous_slot}
-        if state is State.SMOKE_TEST:
-            slot = _require(rec.slot, "smoke_test", "no slot recorded")
-            self.smoke_test(self.slots.model_path(slot), ModelManifest.from_custom(rec.manifest))
-            return Event.SUCCESS, {}
-        if state is State.HEALTH:
-            slot = _require(rec.slot, "health", "no slot recorded")
-            self.slots.activate(slot)
-            self.activate(self.slots.model_path(slot), self.slots.manifest(slot))
-            problem = self.health_check()
-            if problem:
-                raise UpdateError("health", problem)
-            return Event.SUCCESS, {}
-        if state is State.COMMIT:
-            self.failures.pop(rec.target_path or "", None)
-            atomic_write_json(self._failures_path, self.failures)
-            self._clean_staging()
-            return Event.DONE, {"reason": None}
-        if state is State.ROLLBACK:
-            self._rollback()
-            return Event.DONE, {}
-        raise UpdateError(state.value, "no work defined for this state")
+    def _step(self, state: State) -> tuple[Event, dict[str, Any]]:
+        handlers = {
+            State.DOWNLOAD: self._download,
+            State.VERIFY: self._verify,
+            State.INSTALL: self._install,
+            State.SMOKE_TEST: self._smoke_test,
+            State.HEALTH: self._health,
+            State.COMMIT: self._commit,
+            State.ROLLBACK: self._rollback,
+        }
+        if state not in handlers:
+            raise UpdateError(state.value, "no work defined for this state")
+        return handlers[state]()
 
-    def _rollback(self) -> None:
+    def _download(self) -> tuple[Event, dict[str, Any]]:
+        desired = _desired_from(self.record)
+        manifest, custom = self.fetcher.manifest_for(desired)
+        self._save(
+            replace(
+                self.record,
+                manifest=custom,
+                target_sha256=manifest.sha256,
+                target_length=manifest.length,
+            )
+        )
+        result = self.fetcher.fetch(self.record, desired, self._staged())
+        self._safe_report("download", "done", {"via": result.via, **result.detail})
+        return Event.SUCCESS, {"via": result.via, "bytes_downloaded": result.bytes_downloaded}
+
+    def _verify(self) -> tuple[Event, dict[str, Any]]:
+        self.fetcher.verify(self.record, self._staged())
+        return Event.SUCCESS, {}
+
+    def _install(self) -> tuple[Event, dict[str, Any]]:
+        plan = self.slots.plan()
+        self.slots.write(plan, self._staged(), self.record.manifest or {})
+        return Event.SUCCESS, {"slot": plan.slot, "previous_slot": plan.previous_slot}
+
+    def _smoke_test(self) -> tuple[Event, dict[str, Any]]:
+        slot = _require(self.record.slot, "smoke_test", "no slot recorded")
+        manifest = ModelManifest.from_custom(self.record.manifest)
+        self.smoke_test(self.slots.model_path(slot), manifest)
+        return Event.SUCCESS, {}
+
+    def _health(self) -> tuple[Event, dict[str, Any]]:
+        slot = _require(self.record.slot, "health", "no slot recorded")
+        self.slots.activate(slot)
+        self.activate(self.slots.model_path(slot), self.slots.manifest(slot))
+        problem = self.health_check()
+        if problem:
+            raise UpdateError("health", problem)
+        return Event.SUCCESS, {}
+
+    def _commit(self) -> tuple[Event, dict[str, Any]]:
+        self.failures.pop(self.record.target_path or "", None)
+        atomic_write_json(self._failures_path, self.failures)
+        self._clean_staging()
+        return Event.DONE, {"reason": None}
+
+    def _rollback(self) -> tuple[Event, dict[str, Any]]:
         rec = self.record
         if rec.slot and self.slots.active() == rec.slot:
             if rec.previous_slot:
@@ -234,6 +255,7 @@ class Updater:
             self.slots.clear(rec.slot)
         self._clean_staging()
         log.warning("rolled back %s: %s", rec.target_path, rec.reason)
+        return Event.DONE, {}
 
     def _staged(self) -> Path:
         return self.staging / "target.bin"

@@ -50,7 +50,9 @@ class Demo:
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
         assert self.server is not None
         headers = {"Authorization": f"Bearer {self.server.operator_token}"}
-        resp = requests.request(method, self.server.url + path, headers=headers, timeout=30, **kwargs)
+        resp = requests.request(
+            method, self.server.url + path, headers=headers, timeout=30, **kwargs
+        )
         if resp.status_code >= 400:
             raise SystemExit(f"demo: {method} {path} failed: {resp.status_code} {resp.text[:300]}")
         return resp.json()
@@ -58,19 +60,27 @@ class Demo:
     def start_server(self) -> None:
         cfg = ServerConfig(data_dir=self.work / "server", port=0, poll_interval_s=2.0)
         self.server = start_server(cfg)
-        self.log(f"fleet server at {self.server.url} (API docs {self.server.url}/docs), "
-                 f"MQTT broker on {self.server.mqtt_host}:{self.server.mqtt_port}")
+        self.log(
+            f"fleet server at {self.server.url} (API docs {self.server.url}/docs), "
+            f"MQTT broker on {self.server.mqtt_host}:{self.server.mqtt_port}"
+        )
 
     def publish(self, release: int) -> None:
         path = FIXTURES / f"digits_int8_r{release}.tflite"
         fp32 = FIXTURES / f"digits_fp32_r{release}.tflite"
         with open(path, "rb") as model, open(FIXTURES / "digits_labels.txt", "rb") as labels:
             files = {"file": (path.name, model), "labels_file": ("labels.txt", labels)}
-            data = {"name": MODEL, "release": str(release), "variant": "int8-cpu",
-                    "fp32_length": str(fp32.stat().st_size)}
+            data = {
+                "name": MODEL,
+                "release": str(release),
+                "variant": "int8-cpu",
+                "fp32_length": str(fp32.stat().st_size),
+            }
             info = self.api("POST", "/api/v1/models", files=files, data=data)
-        self.log(f"published {MODEL}@{release} int8-cpu: {info.get('length')} bytes, "
-                 f"sha256 {str(info.get('sha256'))[:12]}…, signed as a TUF target")
+        self.log(
+            f"published {MODEL}@{release} int8-cpu: {info.get('length')} bytes, "
+            f"sha256 {str(info.get('sha256'))[:12]}…, signed as a TUF target"
+        )
 
     def enroll_agents(self) -> None:
         assert self.server is not None
@@ -88,23 +98,49 @@ class Demo:
                 "[update]\npoll_interval_s = 2\n"
             )
             subprocess.run(
-                [sys.executable, "-m", "agent.cli", "enroll", "--server", self.server.url,
-                 "--token", token, "--config", str(config), "--root",
-                 str(self.server.repo.metadata_dir / "1.root.json"),
-                 "--hardware-id", f"demo-{profile}", "--tag", f"store={store}", "--tag", "fleet=demo"],
-                check=True, cwd=ROOT, stdout=subprocess.DEVNULL if self.quiet else None,
+                [
+                    sys.executable,
+                    "-m",
+                    "agent.cli",
+                    "enroll",
+                    "--server",
+                    self.server.url,
+                    "--token",
+                    token,
+                    "--config",
+                    str(config),
+                    "--root",
+                    str(self.server.repo.metadata_dir / "1.root.json"),
+                    "--hardware-id",
+                    f"demo-{profile}",
+                    "--tag",
+                    f"store={store}",
+                    "--tag",
+                    "fleet=demo",
+                ],
+                check=True,
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL if self.quiet else None,
             )
             log_file = open(state / "agent.log", "wb")  # noqa: SIM115 - lives as long as the agent
             proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-                cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
             )
             self.agents.append((profile, proc, state))
-        self.log(f"enrolled and started {len(self.agents)} agents: "
-                 + ", ".join(p for p, _, _ in self.agents))
+        self.log(
+            f"enrolled and started {len(self.agents)} agents: "
+            + ", ".join(p for p, _, _ in self.agents)
+        )
 
     def assign(self, release: int) -> None:
-        self.api("POST", "/api/v1/assignments", json={"name": MODEL, "release": release, "tag": "fleet=demo"})
+        self.api(
+            "POST",
+            "/api/v1/assignments",
+            json={"name": MODEL, "release": release, "tag": "fleet=demo"},
+        )
         self.log(f"assigned {MODEL}@{release} to tag fleet=demo")
 
     def wait_for_release(self, release: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
@@ -128,23 +164,30 @@ class Demo:
             latest = (detail.get("telemetry") or {}).get("telemetry") or {}
             telemetry = latest.get("payload") or {}
             invoke = telemetry.get("invoke_ms") or {}
-            rows.append({
-                "device": device["id"],
-                "profile": device.get("profile"),
-                "release": telemetry.get("release"),
-                "p50": invoke.get("p50"),
-                "p99": invoke.get("p99"),
-                "fps": telemetry.get("fps"),
-            })
+            rows.append(
+                {
+                    "device": device["id"],
+                    "profile": device.get("profile"),
+                    "release": telemetry.get("release"),
+                    "p50": invoke.get("p50"),
+                    "p99": invoke.get("p99"),
+                    "fps": telemetry.get("fps"),
+                }
+            )
         return rows
 
     def table(self, rows: list[dict[str, Any]]) -> None:
         assert self.server is not None
-        head = f"{'device':<26} {'profile':<18} {'release':>7} {'invoke p50 ms':>13} {'p99 ms':>8} {'fps':>7}"
+        head = (
+            f"{'device':<26} {'profile':<18} {'release':>7} "
+            f"{'invoke p50 ms':>13} {'p99 ms':>8} {'fps':>7}"
+        )
         print("\n" + head + "\n" + "-" * len(head))
         for r in rows:
-            print(f"{r['device']:<26} {r['profile']:<18} {r['release']!s:>7} {r['p50']!s:>13} "
-                  f"{r['p99']!s:>8} {r['fps']!s:>7}")
+            print(
+                f"{r['device']:<26} {r['profile']:<18} {r['release']!s:>7} {r['p50']!s:>13} "
+                f"{r['p99']!s:>8} {r['fps']!s:>7}"
+            )
         print(f"\nAPI: {self.server.url}/api/v1  (docs {self.server.url}/docs)\n", flush=True)
 
     def stop(self) -> None:
@@ -161,10 +204,14 @@ class Demo:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--serve", action="store_true", help="keep the fleet running until Ctrl-C")
     parser.add_argument("--data", help="keep state in this directory instead of a temporary one")
-    parser.add_argument("--quiet", action="store_true", help="less output from the agents' enrollment")
+    parser.add_argument(
+        "--quiet", action="store_true", help="less output from the agents' enrollment"
+    )
     args = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     work = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 # securesystemslib re-exports without __all__, which mypy --strict cannot see.
-from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]
+from securesystemslib.signer import CryptoSigner
 
 from agent.atomic import atomic_write
 from server.errors import KeyStoreError

@@ -38,8 +38,12 @@ class Operator:
                 "POST",
                 "/api/v1/models",
                 files={"file": (path.name, model)},
-                data={"name": name, "release": str(release), "variant": variant,
-                      "labels": ",".join(str(i) for i in range(10))},
+                data={
+                    "name": name,
+                    "release": str(release),
+                    "variant": variant,
+                    "labels": ",".join(str(i) for i in range(10)),
+                },
             )
 
     def assign(self, release: int, *, device: str | None = None, tag: str | None = None) -> Any:
@@ -60,6 +64,7 @@ class Operator:
 def enroll_agent(
     server_url: str,
     token: str,
+    *,
     root_json: Path,
     work: Path,
     board: str = "x86-gateway",
@@ -75,8 +80,19 @@ def enroll_agent(
         "[telemetry]\nwindow_s = 0.5\nwarmup_inferences = 2\n"
         "[update]\npoll_interval_s = 1\nhealth_inferences = 5\n" + extra
     )
-    argv = ["enroll", "--server", server_url, "--token", token, "--config", str(config),
-            "--root", str(root_json), "--hardware-id", f"hw-{work.name}"]
+    argv = [
+        "enroll",
+        "--server",
+        server_url,
+        "--token",
+        token,
+        "--config",
+        str(config),
+        "--root",
+        str(root_json),
+        "--hardware-id",
+        f"hw-{work.name}",
+    ]
     for tag in tags:
         argv += ["--tag", tag]
     assert agent_main(argv) == 0

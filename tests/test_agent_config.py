@@ -17,7 +17,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_minimal_config_gets_defaults_and_relative_state_dir(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, '[agent]\nstate_dir = "state"\n[update]\npoll_interval_s = 5\n'))
+    cfg = load_config(
+        write(tmp_path, '[agent]\nstate_dir = "state"\n[update]\npoll_interval_s = 5\n')
+    )
     assert cfg.state_dir == tmp_path / "state"
     assert cfg.update.poll_interval_s == 5.0
     assert cfg.inference.frames == "synthetic"
@@ -34,7 +36,10 @@ def test_render_round_trips(tmp_path: Path) -> None:
         ("[agent]\n", "state_dir is required"),
         ('[agent]\nstate_dir = "s"\nsevrer = "x"\n', "unknown key.*sevrer"),
         ('[agent]\nstate_dir = "s"\n[inference]\ntop_k = "3"\n', "top_k must be int"),
-        ('[agent]\nstate_dir = "s"\n[update]\npoll_interval_s = -1\n', "poll_interval_s must be positive"),
+        (
+            '[agent]\nstate_dir = "s"\n[update]\npoll_interval_s = -1\n',
+            "poll_interval_s must be positive",
+        ),
         ('[agent]\nstate_dir = "s"\nserver = "ftp://x"\n', "http"),
         ('[agent]\nstate_dir = "s"\n[bogus]\n', "unknown table"),
         ('[agent]\nstate_dir = "s"\nlog_level = "loud"\n', "log_level"),

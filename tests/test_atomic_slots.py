@@ -66,7 +66,11 @@ def test_slots_alternate_and_never_touch_the_active_slot(tmp_path: Path) -> None
     store.activate("b")
     assert store.active_manifest() == {"release": 2}
     with pytest.raises(UpdateError, match="active slot"):
-        store.write(store.plan().__class__("b", "a", store.model_path("b"), tmp_path / "m"), _model(tmp_path, b"x"), {})
+        store.write(
+            store.plan().__class__("b", "a", store.model_path("b"), tmp_path / "m"),
+            _model(tmp_path, b"x"),
+            {},
+        )
 
 
 def test_activating_an_incomplete_slot_is_refused(tmp_path: Path) -> None:

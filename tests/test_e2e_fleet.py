@@ -18,7 +18,9 @@ from agent.daemon import Agent
 
 
 @pytest.fixture(params=["embedded", "production"])
-def fleet(request: pytest.FixtureRequest, server_factory: Callable[..., Any], tmp_path: Path) -> Any:
+def fleet(
+    request: pytest.FixtureRequest, server_factory: Callable[..., Any], tmp_path: Path
+) -> Any:
     if request.param == "production":
         db_url = request.getfixturevalue("pg_url")
         mqtt_url = request.getfixturevalue("mosquitto_url")
@@ -28,7 +30,13 @@ def fleet(request: pytest.FixtureRequest, server_factory: Callable[..., Any], tm
 
 def _agent(fleet: Any, tmp_path: Path, name: str, board: str = "x86-gateway") -> Agent:
     root = fleet.repo.metadata_dir / "1.root.json"
-    return enroll_agent(fleet.url, fleet.config.enrollment_tokens[0], root, tmp_path / name, board)
+    return enroll_agent(
+        fleet.url,
+        fleet.config.enrollment_tokens[0],
+        root_json=root,
+        work=tmp_path / name,
+        board=board,
+    )
 
 
 def test_signed_model_travels_to_the_agent_and_runs(fleet: Any, tmp_path: Path) -> None:
@@ -48,9 +56,11 @@ def test_signed_model_travels_to_the_agent_and_runs(fleet: Any, tmp_path: Path) 
 
         telemetry = wait_for(
             "a telemetry window for release 1",
-            lambda: (t := op.latest(device_id, "telemetry")).get("release") == 1
-            and (t.get("invoke_ms") or {}).get("p50")
-            and t,
+            lambda: (
+                (t := op.latest(device_id, "telemetry")).get("release") == 1
+                and (t.get("invoke_ms") or {}).get("p50")
+                and t
+            ),
         )
         assert telemetry["inferences"] > 0 and telemetry["fps"] > 0
         assert 0 < telemetry["invoke_ms"]["p50"] <= telemetry["invoke_ms"]["p99"]
@@ -68,7 +78,9 @@ def test_signed_model_travels_to_the_agent_and_runs(fleet: Any, tmp_path: Path) 
         agent.stop()
 
 
-def test_second_release_replaces_the_first_and_a_device_assignment_wins(fleet: Any, tmp_path: Path) -> None:
+def test_second_release_replaces_the_first_and_a_device_assignment_wins(
+    fleet: Any, tmp_path: Path
+) -> None:
     op = Operator(fleet.url, fleet.operator_token)
     op.publish(1)
     op.publish(2)

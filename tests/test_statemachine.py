@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from agent.statemachine import DURABLE, TRANSITIONS, Event, State, TransitionError, UpdateRecord, next_state
+from agent.errors import AgentError
+from agent.statemachine import (
+    DURABLE,
+    TRANSITIONS,
+    Event,
+    State,
+    TransitionError,
+    UpdateRecord,
+    next_state,
+)
 
 S, E = State, Event
 
@@ -22,11 +31,27 @@ def run(events: list[Event]) -> list[State]:
 @pytest.mark.parametrize(
     ("events", "path"),
     [
-        (HAPPY, [S.IDLE, S.CHECK_IN, S.DOWNLOAD, S.VERIFY, S.INSTALL, S.SMOKE_TEST, S.HEALTH, S.COMMIT, S.IDLE]),
+        (
+            HAPPY,
+            [
+                S.IDLE,
+                S.CHECK_IN,
+                S.DOWNLOAD,
+                S.VERIFY,
+                S.INSTALL,
+                S.SMOKE_TEST,
+                S.HEALTH,
+                S.COMMIT,
+                S.IDLE,
+            ],
+        ),
         ([E.START, E.NO_UPDATE], [S.IDLE, S.CHECK_IN, S.IDLE]),
         ([E.START, E.FAILURE], [S.IDLE, S.CHECK_IN, S.IDLE]),
         ([E.START, E.UPDATE_AVAILABLE, E.FAILURE], [S.IDLE, S.CHECK_IN, S.DOWNLOAD, S.IDLE]),
-        ([E.START, E.UPDATE_AVAILABLE, E.SUCCESS, E.FAILURE], [S.IDLE, S.CHECK_IN, S.DOWNLOAD, S.VERIFY, S.IDLE]),
+        (
+            [E.START, E.UPDATE_AVAILABLE, E.SUCCESS, E.FAILURE],
+            [S.IDLE, S.CHECK_IN, S.DOWNLOAD, S.VERIFY, S.IDLE],
+        ),
         (
             [E.START, E.UPDATE_AVAILABLE, E.SUCCESS, E.SUCCESS, E.FAILURE],
             [S.IDLE, S.CHECK_IN, S.DOWNLOAD, S.VERIFY, S.INSTALL, S.IDLE],
@@ -36,12 +61,39 @@ def run(events: list[Event]) -> list[State]:
             [S.IDLE, S.CHECK_IN, S.DOWNLOAD, S.VERIFY, S.INSTALL, S.SMOKE_TEST, S.ROLLBACK, S.IDLE],
         ),
         (
-            [E.START, E.UPDATE_AVAILABLE, E.SUCCESS, E.SUCCESS, E.SUCCESS, E.SUCCESS, E.FAILURE, E.DONE],
-            [S.IDLE, S.CHECK_IN, S.DOWNLOAD, S.VERIFY, S.INSTALL, S.SMOKE_TEST, S.HEALTH, S.ROLLBACK, S.IDLE],
+            [
+                E.START,
+                E.UPDATE_AVAILABLE,
+                E.SUCCESS,
+                E.SUCCESS,
+                E.SUCCESS,
+                E.SUCCESS,
+                E.FAILURE,
+                E.DONE,
+            ],
+            [
+                S.IDLE,
+                S.CHECK_IN,
+                S.DOWNLOAD,
+                S.VERIFY,
+                S.INSTALL,
+                S.SMOKE_TEST,
+                S.HEALTH,
+                S.ROLLBACK,
+                S.IDLE,
+            ],
         ),
     ],
-    ids=["happy", "no-update", "checkin-fails", "download-fails", "verify-fails", "install-fails",
-         "smoke-fails", "health-fails"],
+    ids=[
+        "happy",
+        "no-update",
+        "checkin-fails",
+        "download-fails",
+        "verify-fails",
+        "install-fails",
+        "smoke-fails",
+        "health-fails",
+    ],
 )
 def test_chains(events: list[Event], path: list[State]) -> None:
     assert run(events) == path
@@ -78,7 +130,9 @@ def test_durable_states_are_exactly_the_work_states() -> None:
     assert set(State) - DURABLE == {S.IDLE, S.CHECK_IN}
 
 
-@pytest.mark.parametrize(("state", "event"), [(S.IDLE, E.SUCCESS), (S.COMMIT, E.FAILURE), (S.DOWNLOAD, E.DONE)])
+@pytest.mark.parametrize(
+    ("state", "event"), [(S.IDLE, E.SUCCESS), (S.COMMIT, E.FAILURE), (S.DOWNLOAD, E.DONE)]
+)
 def test_illegal_events_are_refused(state: State, event: Event) -> None:
     with pytest.raises(TransitionError, match=event.value):
         next_state(state, event)
@@ -94,9 +148,9 @@ def test_record_round_trips_and_keeps_a_bounded_trail() -> None:
     assert again == rec
 
 
-@pytest.mark.parametrize("garbage", [None, [], {"state": "nope"}, {"state": "idle", "attempts": "x"}])
+@pytest.mark.parametrize(
+    "garbage", [None, [], {"state": "nope"}, {"state": "idle", "attempts": "x"}]
+)
 def test_corrupt_record_is_refused(garbage: object) -> None:
-    from agent.errors import AgentError
-
     with pytest.raises(AgentError):
         UpdateRecord.from_json(garbage)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]
-from tuf.api.metadata import Metadata, MetaFile, TargetFile  # type: ignore[attr-defined]
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, MetaFile, TargetFile
 from tuf_sim import RepoServer, resign
 
 from agent.download import DownloadLimits, download, target_url

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tuf_sim import RepoServer
 
 from agent.fetch import FetchLimits, TufFetcher
 from agent.protocol.api import DesiredTarget
@@ -29,7 +30,6 @@ from agent.worker import InferenceWorker
 from server.keys import init_keys
 from server.registry import build_manifest, publish_model
 from server.tuf_repo import TufRepository
-from tuf_sim import RepoServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LABELS = tuple(str(i) for i in range(10))
@@ -80,7 +80,9 @@ def _root(server: RepoServer) -> bytes:
 
 
 def desired(release: int) -> DesiredTarget:
-    return DesiredTarget(model_target_path("digits", release, "int8-cpu"), "digits", release, "int8-cpu")
+    return DesiredTarget(
+        model_target_path("digits", release, "int8-cpu"), "digits", release, "int8-cpu"
+    )
 
 
 @pytest.fixture
@@ -88,7 +90,9 @@ def repo(tmp_path: Path) -> TufRepository:
     init_keys(tmp_path / "keys")
     repo = TufRepository.create(tmp_path / "repo", tmp_path / "keys")
     for release in (1, 2):
-        publish_model(repo, FIXTURES / f"digits_int8_r{release}.tflite", "digits", release, "int8-cpu", LABELS)
+        publish_model(
+            repo, FIXTURES / f"digits_int8_r{release}.tflite", "digits", release, "int8-cpu", LABELS
+        )
     return repo
 
 
@@ -111,7 +115,15 @@ def test_update_commits_and_the_new_model_runs(device: Device) -> None:
     assert up.installed() is not None and up.installed().slot == "b"  # type: ignore[union-attr]
     assert up.record.state is State.IDLE
     states = [s for kind, s, _ in device.events if kind == "update"]
-    assert states[-7:] == ["download", "verify", "install", "smoke_test", "health", "commit", "idle"]
+    assert states[-7:] == [
+        "download",
+        "verify",
+        "install",
+        "smoke_test",
+        "health",
+        "commit",
+        "idle",
+    ]
     assert device.worker.wait_healthy(5, timeout_s=10) is None
     assert not up.wants(desired(2))
 
@@ -128,7 +140,9 @@ def test_update_commits_and_the_new_model_runs(device: Device) -> None:
         (State.COMMIT, 2),
     ],
 )
-def test_power_cut_then_restart_resumes_or_rolls_back(device: Device, cut: State, after: int) -> None:
+def test_power_cut_then_restart_resumes_or_rolls_back(
+    device: Device, cut: State, after: int
+) -> None:
     device.cut_at = cut
     with pytest.raises(PowerCut):
         device.updater().update(desired(2))
@@ -152,7 +166,9 @@ def test_power_cut_during_rollback_finishes_the_rollback(device: Device) -> None
     assert device.active_release() == 1
 
 
-def test_bit_flipped_target_is_refused_and_the_old_model_keeps_running(device: Device, repo: TufRepository) -> None:
+def test_bit_flipped_target_is_refused_and_the_old_model_keeps_running(
+    device: Device, repo: TufRepository
+) -> None:
     stored = repo.target_file(model_target_path("digits", 2, "int8-cpu"))
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -192,7 +208,9 @@ def test_unhealthy_model_is_switched_back(device: Device) -> None:
     assert device.worker.wait_healthy(5, timeout_s=10) is None
 
 
-def test_revoked_target_is_refused_and_retries_are_bounded(device: Device, repo: TufRepository) -> None:
+def test_revoked_target_is_refused_and_retries_are_bounded(
+    device: Device, repo: TufRepository
+) -> None:
     repo.remove_target(model_target_path("digits", 2, "int8-cpu"))
     up = device.updater()
     for _ in range(3):

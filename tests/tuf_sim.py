@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from securesystemslib.signer import Signer  # type: ignore[attr-defined]
+from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata
 
 _RANGE = re.compile(r"^bytes=(\d+)-$")

@@ -114,7 +114,9 @@ class CheckinResponse:
         )
 
 
-def checkin_body(state: str, installed: InstalledModel | None, agent_version: str) -> dict[str, Any]:
+def checkin_body(
+    state: str, installed: InstalledModel | None, agent_version: str
+) -> dict[str, Any]:
     if installed is not None:
         check_sha256(installed.sha256)
     return {

@@ -23,7 +23,7 @@ def _req(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     if key not in data:
         raise ProtocolError(f"manifest field {key!r} is missing")
     value = data[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ProtocolError(f"manifest field {key!r} has the wrong type")
     return value
 
