@@ -15,7 +15,7 @@ from types import FrameType
 from server import __version__
 from server.app_runner import start_server
 from server.config import OPERATOR_TOKEN_ENV, ServerConfig
-from server.errors import ServerError
+from server.errors import ConfigError, ServerError
 
 log = logging.getLogger("edgefleet.server")
 ENROLLMENT_TOKEN_ENV = "EDGEFLEET_ENROLLMENT_TOKEN"  # noqa: S105 - a variable name
@@ -29,8 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", type=Path, required=True, help="data directory (DB, keys, repo)")
     run.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free port)")
     run.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
-    run.add_argument("--db-url", help="sqlite:///PATH or postgresql://USER@HOST/DB")
-    run.add_argument("--mqtt-url", help="external broker mqtt://user:pass@host:port")
+    run.add_argument(
+        "--db-url",
+        default=os.environ.get("EDGEFLEET_DB_URL") or None,
+        help="sqlite:///PATH or postgresql://USER@HOST/DB (default $EDGEFLEET_DB_URL, else SQLite)",
+    )
+    run.add_argument(
+        "--mqtt-url",
+        default=os.environ.get("EDGEFLEET_MQTT_URL") or None,
+        help="external broker mqtt://user:pass@host:port (default $EDGEFLEET_MQTT_URL, "
+        "else the embedded broker)",
+    )
     run.add_argument("--mqtt-host", default="127.0.0.1", help="embedded broker listen address")
     run.add_argument("--mqtt-port", type=int, default=0, help="embedded broker port (0 = free)")
     run.add_argument("--mqtt-public-host", help="MQTT host handed to devices")
@@ -39,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--operator-token",
         help=f"operator bearer token (default: ${OPERATOR_TOKEN_ENV} "
         "or DATA/operator.token, generated on first start)",
+    )
+    run.add_argument(
+        "--operator-token-file",
+        type=Path,
+        help="read the operator token from this file (e.g. a systemd credential)",
     )
     run.add_argument(
         "--enrollment-token",
@@ -59,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     tokens = list(args.enrollment_token)
+    operator_token = args.operator_token
+    if args.operator_token_file is not None:
+        try:
+            operator_token = args.operator_token_file.read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"cannot read {args.operator_token_file}: {err}") from err
+        if not operator_token:
+            raise ConfigError(f"{args.operator_token_file} is empty")
     if os.environ.get(ENROLLMENT_TOKEN_ENV):
         tokens.append(os.environ[ENROLLMENT_TOKEN_ENV])
     return ServerConfig(
@@ -71,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         mqtt_bind_port=args.mqtt_port,
         mqtt_public_host=args.mqtt_public_host,
         mqtt_public_port=args.mqtt_public_port,
-        operator_token=args.operator_token,
+        operator_token=operator_token,
         enrollment_tokens=tuple(tokens),
         poll_interval_s=args.poll_interval,
         ingest_client_id=args.ingest_client_id,
