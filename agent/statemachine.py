@@ -93,6 +93,7 @@ class UpdateRecord:
     state: State = State.IDLE
     target_path: str | None = None
     desired: dict[str, Any] | None = None
+    update_id: str | None = None
     target_sha256: str | None = None
     target_length: int | None = None
     manifest: dict[str, Any] | None = None
@@ -114,6 +115,7 @@ class UpdateRecord:
             "state": self.state.value,
             "target_path": self.target_path,
             "desired": self.desired,
+            "update_id": self.update_id,
             "target_sha256": self.target_sha256,
             "target_length": self.target_length,
             "manifest": self.manifest,
@@ -135,6 +137,7 @@ class UpdateRecord:
                 state=State(data["state"]),
                 target_path=data.get("target_path"),
                 desired=data.get("desired"),
+                update_id=data.get("update_id"),
                 target_sha256=data.get("target_sha256"),
                 target_length=data.get("target_length"),
                 manifest=data.get("manifest"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -157,6 +158,7 @@ class Updater:
             Event.UPDATE_AVAILABLE,
             target_path=desired.target_path,
             desired=desired.to_json(),
+            update_id=secrets.token_hex(8),
             reason=None,
         )
         return self._run()
@@ -208,7 +210,19 @@ class Updater:
             )
         )
         result = self.fetcher.fetch(self.record, desired, self._staged())
-        self._safe_report("download", "done", {"via": result.via, **result.detail})
+        # The bandwidth report: the server adds these up per device, release and fleet.
+        report = {
+            **result.detail,
+            "via": result.via,
+            "bytes_downloaded": result.bytes_downloaded,
+            "update_id": self.record.update_id,
+            "name": manifest.name,
+            "release": manifest.release,
+            "variant": manifest.variant,
+            "target_bytes": manifest.length,
+            "fp32_bytes": manifest.fp32_length,
+        }
+        self._safe_report("download", "done", report)
         return Event.SUCCESS, {"via": result.via, "bytes_downloaded": result.bytes_downloaded}
 
     def _verify(self) -> tuple[Event, dict[str, Any]]:

@@ -26,7 +26,7 @@ SERVER_ENV = "EDGEFLEET_SERVER"
 TOKEN_ENV = "EDGEFLEET_TOKEN"  # noqa: S105 - a variable name, not a secret
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 #: Further modules whose ``add_commands(subparsers)`` adds subcommands (delta, bandwidth, ...).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["server.cli_bandwidth"]
 _MAX_ERROR_CHARS = 300
 
 Handler = Callable[[argparse.Namespace], None]

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.api import DesiredTarget, InstalledModel
 from agent.protocol.manifest import ModelManifest, model_target_path
+from server.bandwidth import record_download
 from server.db import (
     Assignment,
     Device,
@@ -226,6 +227,8 @@ def add_event(
             detail=detail or {},
         )
     )
+    if type_ == "download":
+        record_download(s, device_id, detail)
 
 
 def resolve_desired(s: Session, device: Device) -> DesiredTarget | None:

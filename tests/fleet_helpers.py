@@ -32,7 +32,13 @@ class Operator:
         return resp.json()
 
     def publish(self, release: int, name: str = "digits", variant: str = "int8-cpu") -> Any:
-        path = FIXTURES / f"digits_int8_r{release}.tflite"
+        return self.publish_file(
+            FIXTURES / f"digits_int8_r{release}.tflite", release, name, variant
+        )
+
+    def publish_file(
+        self, path: Path, release: int, name: str = "digits", variant: str = "int8-cpu"
+    ) -> Any:
         with open(path, "rb") as model:
             return self.call(
                 "POST",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import devices, operator, tuf
+from server.api import bandwidth, devices, operator, tuf
 from server.api.deps import AppState
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
@@ -35,6 +35,7 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(operator.router)
     app.include_router(operator.upload_router)
     app.include_router(tuf.router)
+    app.include_router(bandwidth.router)
 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:

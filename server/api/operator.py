@@ -11,13 +11,14 @@ from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, UploadFile
 
-from agent.protocol.manifest import VARIANTS
+from agent.protocol.manifest import VARIANTS, model_target_path
 from server import store
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
 from server.api.schemas import (
     DEVICE_ID,
     AssignmentIn,
     AssignmentOut,
+    DeltaOut,
     DesiredOut,
     DeviceDetailOut,
     DeviceOut,
@@ -33,6 +34,7 @@ from server.api.schemas import (
     Variant,
 )
 from server.db import Device
+from server.deltas import build_deltas, choose_bases, fleet_bases
 from server.errors import ConflictError, InvalidInputError, ModelValidationError
 from server.registry import publish_model
 
@@ -189,7 +191,24 @@ def publish(
         with st.db.session() as s:
             row = store.add_model(s, manifest)
             out = ModelOut.model_validate(row)
-    log.info("published model %s@%s %s (%s bytes)", name, release, variant, manifest.length)
+            published, installed = fleet_bases(s, manifest)
+        bases = choose_bases(manifest, published, installed)
+        new_path = st.repo.target_file(model_target_path(name, release, variant))
+        built = build_deltas(st.repo, manifest, new_path, bases)
+    out.deltas = [
+        DeltaOut(
+            base_release=d.base_release,
+            base_sha256=d.base_sha256,
+            target_path=d.target_path,
+            length=d.length,
+            method=d.method,
+        )
+        for d in built
+    ]
+    log.info(
+        "published model %s@%s %s (%s bytes, %d deltas)",
+        name, release, variant, manifest.length, len(built),
+    )  # fmt: skip
     return out
 
 

@@ -194,6 +194,14 @@ class DeviceDetailOut(DeviceOut):
     events: list[EventOut]
 
 
+class DeltaOut(BaseModel):
+    base_release: int
+    base_sha256: str
+    target_path: str
+    length: int
+    method: str
+
+
 class ModelOut(_Out):
     name: str
     release: int
@@ -204,6 +212,7 @@ class ModelOut(_Out):
     fp32_length: int | None
     labels: list[str]
     created_at: UtcTime
+    deltas: list[DeltaOut] = []
 
 
 class AssignmentOut(_Out):
