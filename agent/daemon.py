@@ -103,7 +103,7 @@ class Agent:
         self.updater = Updater(
             cfg.state_dir,
             self.slots,
-            TufFetcher(trust, server, limits),
+            TufFetcher(trust, server, limits, current=self._current_model),
             smoke_test=lambda path, manifest: smoke_test(path, manifest, self.choice),
             activate=self.worker.swap,
             health_check=lambda: self.worker.wait_healthy(up.health_inferences, timeout_s=60.0),
@@ -113,6 +113,14 @@ class Agent:
         self.poll_interval_s = up.poll_interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
+
+    def _current_model(self) -> tuple[str, Path] | None:
+        """The running model's sha256 and file: the base a delta is made against."""
+        slot = self.slots.active()
+        manifest = self.slots.manifest(slot) if slot else None
+        if slot is None or manifest is None:
+            return None
+        return str(manifest["sha256"]), self.slots.model_path(slot)
 
     def _static_telemetry(self) -> dict[str, Any]:
         return {"profile": self.profile.name, "runtime": self.choice.runtime,
