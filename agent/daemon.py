@@ -18,15 +18,16 @@ from agent import __version__, sdnotify
 from agent.client import DeviceClient
 from agent.config import AgentConfig
 from agent.download import DownloadLimits
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, SmokeTestError
 from agent.fetch import FetchLimits, TufFetcher
 from agent.identity import Identity, load_identity, pinned_root
 from agent.mqtt import MqttSettings, Publisher
 from agent.outbox import Outbox, OutboxConfig
 from agent.profiles import Profile, default_profiles_dir, detect_profile, load_profiles
+from agent.protocol.manifest import ModelManifest
 from agent.sensors import idle_mw, make_sampler
 from agent.slots import SlotStore
-from agent.smoke import RuntimeChoice, smoke_test
+from agent.smoke import RuntimeChoice, golden_set_problem, score_golden_set, smoke_test
 from agent.trust import TrustClient
 from agent.updater import Updater
 from agent.worker import InferenceWorker
@@ -104,7 +105,7 @@ class Agent:
             cfg.state_dir,
             self.slots,
             TufFetcher(trust, server, limits, current=self._current_model),
-            smoke_test=lambda path, manifest: smoke_test(path, manifest, self.choice),
+            smoke_test=self._smoke_test,
             activate=self.worker.swap,
             health_check=lambda: self.worker.wait_healthy(up.health_inferences, timeout_s=60.0),
             report=self._report,
@@ -113,6 +114,27 @@ class Agent:
         self.poll_interval_s = up.poll_interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
+
+    def _smoke_test(self, path: Path, manifest: ModelManifest) -> None:
+        """Golden output first, then the release's golden set when it ships one."""
+        smoke_test(path, manifest, self.choice)
+        fetcher = self.updater.fetcher
+        assert isinstance(fetcher, TufFetcher)
+        scored = score_golden_set(
+            path, manifest, self.choice, fetcher.fetch_aux, self.updater.staging
+        )
+        if scored is None:
+            return
+        spec, result = scored
+        detail = {
+            **result.to_json(),
+            "release": manifest.release,
+            "min_accuracy": spec.min_accuracy,
+        }
+        self._report("golden_set", "scored", detail)
+        problem = golden_set_problem(spec, result)
+        if problem:
+            raise SmokeTestError(problem)
 
     def _current_model(self) -> tuple[str, Path] | None:
         """The running model's sha256 and file: the base a delta is made against."""
@@ -123,8 +145,12 @@ class Agent:
         return str(manifest["sha256"]), self.slots.model_path(slot)
 
     def _static_telemetry(self) -> dict[str, Any]:
-        return {"profile": self.profile.name, "runtime": self.choice.runtime,
-                "threads": self.choice.num_threads, "agent_version": __version__}
+        return {
+            "profile": self.profile.name,
+            "runtime": self.choice.runtime,
+            "threads": self.choice.num_threads,
+            "agent_version": __version__,
+        }
 
     def _report(self, kind: str, state: str, detail: dict[str, Any]) -> None:
         self.publisher.publish("events", {"type": kind, "state": state, "detail": detail})
@@ -148,8 +174,11 @@ class Agent:
         self.worker.start()
         log.info(
             "agent %s started: device %s, profile %s, runtime %s x%d",
-            __version__, self.identity.device_id, self.profile.name,
-            self.choice.runtime, self.choice.num_threads,
+            __version__,
+            self.identity.device_id,
+            self.profile.name,
+            self.choice.runtime,
+            self.choice.num_threads,
         )
 
     def stop(self) -> None:
@@ -219,7 +248,9 @@ class Agent:
     def _status_line(self) -> str:
         installed = self.updater.installed()
         model = f"{installed.name}@{installed.release}" if installed else "no model"
-        return f"{model}; {self.worker.total_inferences} inferences; {self.status.checkins} check-ins"
+        return (
+            f"{model}; {self.worker.total_inferences} inferences; {self.status.checkins} check-ins"
+        )
 
 
 def ensure_state_dir(path: Path) -> None:

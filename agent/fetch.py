@@ -113,6 +113,16 @@ class TufFetcher:
         )
         return result.bytes_transferred
 
+    def fetch_aux(self, target_path: str, dest: Path, max_bytes: int = 64 * 1024 * 1024) -> Path:
+        """A small signed companion file (a golden set): TUF-verified, bounded."""
+        self.trust.refresh()
+        info = self.trust.target_info(target_path)
+        if info.length > max_bytes:
+            raise VerificationError(f"{target_path} is {info.length} bytes, above {max_bytes}")
+        url = target_url(self.base_url, info.path, info.sha256)
+        download(url, dest, info.length, info.sha256, self.limits.download)
+        return dest
+
     def verify(self, record: UpdateRecord, path: Path) -> None:
         self.trust.verify_file(self._info(record), path)
 

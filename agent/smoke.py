@@ -9,6 +9,7 @@ within tolerance. Any failure is a ``SmokeTestError`` and the update rolls back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from agent.errors import AgentError, SmokeTestError
 from agent.golden import compare_golden, golden_input_array
+from agent.goldenset import GoldenSetResult, GoldenSetSpec, evaluate_file
 from agent.protocol.manifest import ModelManifest, TensorSpec
 from agent.runtime import Model, TensorDetails, load_model
 
@@ -75,3 +77,43 @@ def smoke_test(path: Path, manifest: ModelManifest, choice: RuntimeChoice) -> No
     if problem:
         raise SmokeTestError(problem)
     log.info("smoke test passed for %s release %s", manifest.name, manifest.release)
+
+
+FetchAux = Callable[[str, Path], Path]
+
+
+def score_golden_set(
+    path: Path, manifest: ModelManifest, choice: RuntimeChoice, fetch: FetchAux, workdir: Path
+) -> tuple[GoldenSetSpec, GoldenSetResult] | None:
+    """Score the release's golden set on this device's runtime, if the release ships one."""
+    try:
+        spec = GoldenSetSpec.from_extra(manifest.extra)
+    except AgentError as err:
+        raise SmokeTestError(f"golden set declaration invalid: {err}") from err
+    if spec is None:
+        return None
+    npz = fetch(spec.path, workdir / "golden_set.npz")
+    try:
+        model = choice.load(path)
+        try:
+            result = evaluate_file(model, manifest.labels, npz)
+        finally:
+            model.close()
+    except AgentError as err:
+        raise SmokeTestError(f"golden set could not be scored: {err}") from err
+    finally:
+        npz.unlink(missing_ok=True)
+    log.info(
+        "golden set: accuracy %.4f on %d samples (minimum %.4f)",
+        result.accuracy, result.count, spec.min_accuracy,
+    )  # fmt: skip
+    return spec, result
+
+
+def golden_set_problem(spec: GoldenSetSpec, result: GoldenSetResult) -> str | None:
+    if result.accuracy < spec.min_accuracy:
+        return (
+            f"golden-set accuracy {result.accuracy:.4f} is below the release minimum "
+            f"{spec.min_accuracy:.4f} ({result.count} samples)"
+        )
+    return None

@@ -10,7 +10,7 @@ import base64
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,7 @@ def build_manifest(  # noqa: PLR0917 - the signature the CLI and API use
     variant: str,
     labels: Sequence[str] = (),
     fp32_length: int | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> ModelManifest:
     """Everything the device needs to trust and smoke-test this model file."""
     try:
@@ -196,6 +197,7 @@ def build_manifest(  # noqa: PLR0917 - the signature the CLI and API use
         golden=_golden(interpreter, Path(path), f"{name}/{release}/{variant}", outputs[0].dtype),
         labels=tuple(labels),
         fp32_length=fp32_length,
+        extra=dict(extra or {}),
     )
 
 
@@ -207,9 +209,12 @@ def publish_model(  # noqa: PLR0917 - the signature the CLI and API use
     variant: str,
     labels: Sequence[str] = (),
     fp32_length: int | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> ModelManifest:
     """Validate, sign and store a model release. Re-publishing identical bytes is a no-op."""
-    manifest = build_manifest(path, name, release, variant, labels=labels, fp32_length=fp32_length)
+    manifest = build_manifest(
+        path, name, release, variant, labels=labels, fp32_length=fp32_length, extra=extra
+    )
     target = model_target_path(name, release, variant)
     existing = repo.targets().get(target)
     if existing is not None:

@@ -36,6 +36,7 @@ from server.api.schemas import (
 from server.db import Device
 from server.deltas import build_deltas, choose_bases, fleet_bases
 from server.errors import ConflictError, InvalidInputError, ModelValidationError
+from server.goldenset import prepare_golden_set
 from server.registry import publish_model
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,14 @@ def publish(
     labels: Annotated[str | None, Form(description="comma-separated labels")] = None,
     labels_file: Annotated[UploadFile | None, File(description="one label per line")] = None,
     fp32_length: Annotated[int | None, Form(ge=1)] = None,
+    golden_set: Annotated[
+        UploadFile | None, File(description="labelled .npz (x: frames in [0,1], y: class ids)")
+    ] = None,
+    min_accuracy: Annotated[float | None, Form(ge=0, le=1)] = None,
 ) -> ModelOut:
     """Validate, sign and publish a model release as a TUF target."""
+    if (golden_set is None) != (min_accuracy is None):
+        raise InvalidInputError("golden_set and min_accuracy go together")
     if variant not in VARIANTS:
         raise InvalidInputError(f"unknown variant {variant!r}; expected {', '.join(VARIANTS)}")
     label_list = _labels(labels, labels_file, st.config.max_labels)
@@ -178,16 +185,26 @@ def publish(
                     f"model {name} release {release} variant {variant} is already published"
                 )
         upload = _spool(file.file, st.config.upload_dir)
+        golden_upload = _spool(golden_set.file, st.config.upload_dir) if golden_set else None
         try:
+            extra = None
+            if golden_upload is not None and min_accuracy is not None:
+                extra = prepare_golden_set(
+                    st.repo, upload, golden_upload, name=name, release=release,
+                    variant=variant, labels=label_list, min_accuracy=min_accuracy,
+                )  # fmt: skip
             manifest = publish_model(
-                st.repo, upload, name, release, variant, labels=label_list, fp32_length=fp32_length
-            )
+                st.repo, upload, name, release, variant, labels=label_list,
+                fp32_length=fp32_length, extra=extra,
+            )  # fmt: skip
         except ModelValidationError as err:
             # Name the client's file, not the server's spool path.
             shown = f"uploaded file {file.filename or 'model'!r}"
             raise ModelValidationError(str(err).replace(str(upload), shown)) from err
         finally:
             upload.unlink(missing_ok=True)
+            if golden_upload is not None:
+                golden_upload.unlink(missing_ok=True)
         with st.db.session() as s:
             row = store.add_model(s, manifest)
             out = ModelOut.model_validate(row)
