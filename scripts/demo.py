@@ -68,18 +68,45 @@ class Demo:
     def publish(self, release: int) -> None:
         path = FIXTURES / f"digits_int8_r{release}.tflite"
         fp32 = FIXTURES / f"digits_fp32_r{release}.tflite"
-        with open(path, "rb") as model, open(FIXTURES / "digits_labels.txt", "rb") as labels:
-            files = {"file": (path.name, model), "labels_file": ("labels.txt", labels)}
+        with (
+            open(path, "rb") as model,
+            open(FIXTURES / "digits_labels.txt", "rb") as labels,
+            open(FIXTURES / "digits_val.npz", "rb") as golden,
+        ):
+            files = {
+                "file": (path.name, model),
+                "labels_file": ("labels.txt", labels),
+                "golden_set": ("digits_val.npz", golden),
+            }
             data = {
                 "name": MODEL,
                 "release": str(release),
                 "variant": "int8-cpu",
                 "fp32_length": str(fp32.stat().st_size),
+                "min_accuracy": "0.95",
             }
             info = self.api("POST", "/api/v1/models", files=files, data=data)
         self.log(
-            f"published {MODEL}@{release} int8-cpu: {info.get('length')} bytes, "
-            f"sha256 {str(info.get('sha256'))[:12]}…, signed as a TUF target"
+            f"published {MODEL}@{release} int8-cpu: {info.get('length')} bytes "
+            f"(FP32 {fp32.stat().st_size}), sha256 {str(info.get('sha256'))[:12]}…, "
+            "signed as a TUF target with a 300-image golden set (minimum accuracy 0.95)"
+        )
+        for delta in info.get("deltas", []):
+            self.log(
+                f"  delta from release {delta['base_release']}: {delta['length']} bytes "
+                f"({100 * delta['length'] / info['length']:.1f}% of the INT8 file, "
+                f"{fp32.stat().st_size / delta['length']:.0f}x smaller than FP32), signed"
+            )
+
+    def bandwidth(self) -> None:
+        fleet = self.api("GET", "/api/v1/bandwidth")["fleet"]
+        ratio = fleet.get("ratio_fp32_to_sent")
+        print(
+            f"bandwidth: {fleet['updates']} updates ({fleet['deltas']} as deltas), "
+            f"{fleet['bytes_sent']} bytes sent vs {fleet['full_int8_bytes']} full INT8 "
+            f"and {fleet['fp32_bytes']} FP32; saved {100 * (fleet['saving_vs_int8'] or 0):.1f}% "
+            f"vs INT8" + (f", FP32/sent {ratio}x" if ratio else ""),
+            flush=True,
         )
 
     def enroll_agents(self) -> None:
@@ -222,6 +249,10 @@ def main() -> int:
         demo.enroll_agents()
         demo.assign(1)
         demo.table(demo.wait_for_release(1))
+        demo.publish(2)
+        demo.assign(2)
+        demo.table(demo.wait_for_release(2))
+        demo.bandwidth()
         if args.serve:
             demo.log("serving; Ctrl-C to stop")
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
