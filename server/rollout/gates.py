@@ -146,10 +146,18 @@ class GateResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "name": self.name, "profile": self.profile, "value": self.value,
-            "limit": self.limit, "unit": self.unit, "bound": self.bound,
-            "tripped": self.tripped, "sample": self.sample, "needed": self.needed,
-            "devices": list(self.devices), "detail": self.detail, "stage": self.stage,
+            "name": self.name,
+            "profile": self.profile,
+            "value": self.value,
+            "limit": self.limit,
+            "unit": self.unit,
+            "bound": self.bound,
+            "tripped": self.tripped,
+            "sample": self.sample,
+            "needed": self.needed,
+            "devices": list(self.devices),
+            "detail": self.detail,
+            "stage": self.stage,
         }
 
 
@@ -161,9 +169,23 @@ class ProfileStats:
     """Running sums for one profile; plain attributes, since this is the hot loop."""
 
     __slots__ = (
-        "acc_bad", "acc_eval", "acc_n", "acc_sum", "finished", "install_failed",
-        "lat_bad", "lat_base", "lat_cur", "lat_eval", "lat_n",
-        "pow_bad", "pow_base", "pow_cur", "pow_eval", "pow_n", "started",
+        "acc_bad",
+        "acc_eval",
+        "acc_n",
+        "acc_sum",
+        "finished",
+        "install_failed",
+        "lat_bad",
+        "lat_base",
+        "lat_cur",
+        "lat_eval",
+        "lat_n",
+        "pow_bad",
+        "pow_base",
+        "pow_cur",
+        "pow_eval",
+        "pow_n",
+        "started",
     )
 
     def __init__(self) -> None:
@@ -235,8 +257,14 @@ def _needed(min_sample: int, possible: int) -> int:
 
 
 def _regression(
-    name: str, profile: str, limit: Fraction, *, sums: tuple[float, float],
-    counts: tuple[int, int], bad: list[str], min_sample: int,
+    name: str,
+    profile: str,
+    limit: Fraction,
+    *,
+    sums: tuple[float, float],
+    counts: tuple[int, int],
+    bad: list[str],
+    min_sample: int,
 ) -> GateResult:
     base, cur = sums
     possible, sample = counts
@@ -245,8 +273,17 @@ def _regression(
         return GateResult(name, profile, None, float(limit), "%", "max", False, sample, needed)
     tripped = Fraction(cur) > Fraction(base) * (1 + limit / HUNDRED)
     return GateResult(
-        name, profile, (cur / base - 1.0) * 100.0, float(limit), "%", "max", tripped, sample,
-        needed, _named(tripped, bad), f"{sample} devices against their own baseline",
+        name,
+        profile,
+        (cur / base - 1.0) * 100.0,
+        float(limit),
+        "%",
+        "max",
+        tripped,
+        sample,
+        needed,
+        _named(tripped, bad),
+        f"{sample} devices against their own baseline",
     )
 
 
@@ -263,40 +300,93 @@ def judge_profile(profile: str, stats: ProfileStats, gates: GateLimits) -> list[
         needed = _needed(n, stats.started)
         failed = len(stats.install_failed)
         if stats.finished == 0 or stats.finished < needed:
-            results.append(GateResult(INSTALL_FAILURE_RATE, profile, None, float(limit), "%",
-                                      "max", False, stats.finished, needed))
+            results.append(
+                GateResult(
+                    INSTALL_FAILURE_RATE,
+                    profile,
+                    None,
+                    float(limit),
+                    "%",
+                    "max",
+                    False,
+                    stats.finished,
+                    needed,
+                )
+            )
         else:
             tripped = failed * HUNDRED > limit * stats.finished
-            results.append(GateResult(
-                INSTALL_FAILURE_RATE, profile, failed * 100.0 / stats.finished, float(limit), "%",
-                "max", tripped, stats.finished, needed, _named(tripped, stats.install_failed),
-                f"{failed} of {stats.finished} finished installs failed",
-            ))
+            results.append(
+                GateResult(
+                    INSTALL_FAILURE_RATE,
+                    profile,
+                    failed * 100.0 / stats.finished,
+                    float(limit),
+                    "%",
+                    "max",
+                    tripped,
+                    stats.finished,
+                    needed,
+                    _named(tripped, stats.install_failed),
+                    f"{failed} of {stats.finished} finished installs failed",
+                )
+            )
     if gates.max_latency_regression is not None:
-        results.append(_regression(
-            LATENCY_REGRESSION, profile, gates.max_latency_regression,
-            sums=(stats.lat_base, stats.lat_cur), counts=(stats.lat_eval, stats.lat_n),
-            bad=stats.lat_bad, min_sample=n,
-        ))
+        results.append(
+            _regression(
+                LATENCY_REGRESSION,
+                profile,
+                gates.max_latency_regression,
+                sums=(stats.lat_base, stats.lat_cur),
+                counts=(stats.lat_eval, stats.lat_n),
+                bad=stats.lat_bad,
+                min_sample=n,
+            )
+        )
     if gates.max_power_regression is not None:
-        results.append(_regression(
-            POWER_REGRESSION, profile, gates.max_power_regression,
-            sums=(stats.pow_base, stats.pow_cur), counts=(stats.pow_eval, stats.pow_n),
-            bad=stats.pow_bad, min_sample=n,
-        ))
+        results.append(
+            _regression(
+                POWER_REGRESSION,
+                profile,
+                gates.max_power_regression,
+                sums=(stats.pow_base, stats.pow_cur),
+                counts=(stats.pow_eval, stats.pow_n),
+                bad=stats.pow_bad,
+                min_sample=n,
+            )
+        )
     if gates.min_golden_accuracy is not None:
         minimum = gates.min_golden_accuracy
         needed = _needed(n, stats.acc_eval)
         limit_pct = float(minimum * HUNDRED)
         if stats.acc_n == 0 or stats.acc_n < needed:
-            results.append(GateResult(GOLDEN_ACCURACY, profile, None, limit_pct, "%", "min",
-                                      False, stats.acc_n, needed))
+            results.append(
+                GateResult(
+                    GOLDEN_ACCURACY,
+                    profile,
+                    None,
+                    limit_pct,
+                    "%",
+                    "min",
+                    False,
+                    stats.acc_n,
+                    needed,
+                )
+            )
         else:
             tripped = Fraction(stats.acc_sum) < minimum * stats.acc_n
-            results.append(GateResult(
-                GOLDEN_ACCURACY, profile, stats.acc_sum / stats.acc_n * 100.0, limit_pct, "%",
-                "min", tripped, stats.acc_n, needed, _named(tripped, stats.acc_bad),
-                f"mean over {stats.acc_n} devices",
-            ))
+            results.append(
+                GateResult(
+                    GOLDEN_ACCURACY,
+                    profile,
+                    stats.acc_sum / stats.acc_n * 100.0,
+                    limit_pct,
+                    "%",
+                    "min",
+                    tripped,
+                    stats.acc_n,
+                    needed,
+                    _named(tripped, stats.acc_bad),
+                    f"mean over {stats.acc_n} devices",
+                )
+            )
     return results
-

@@ -109,11 +109,15 @@ class Decision:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "kind": self.kind.value, "status": self.status.to_json(), "start": list(self.start),
-            "reason": self.reason, "tripped": [g.to_json() for g in self.tripped],
+            "kind": self.kind.value,
+            "status": self.status.to_json(),
+            "start": list(self.start),
+            "reason": self.reason,
+            "tripped": [g.to_json() for g in self.tripped],
             "gates": [g.to_json() for g in self.gates],
             "progress": [p.to_json() for p in self.progress],
-            "waiting": list(self.waiting), "window_open": self.window_open,
+            "waiting": list(self.waiting),
+            "window_open": self.window_open,
         }
 
 
@@ -125,8 +129,15 @@ class _Tally:
     """Per-stage counters and per-profile sums from one pass over the devices."""
 
     def __init__(self, n_stages: int) -> None:
-        self.total, self.not_started, self.in_flight, self.succeeded, self.failed, \
-            self.silent, self.acked = ([0] * n_stages for _ in range(7))
+        (
+            self.total,
+            self.not_started,
+            self.in_flight,
+            self.succeeded,
+            self.failed,
+            self.silent,
+            self.acked,
+        ) = ([0] * n_stages for _ in range(7))
         self.profiles: dict[str, ProfileStats] = {}
         self.failed_ids: list[list[str]] = [[] for _ in range(n_stages)]
         self.candidates: list[tuple[int, bool, int, str]] = []  # (stage, silent, rank, id)
@@ -146,7 +157,10 @@ class _Tally:
         failed, succeeded = self.failed, self.succeeded
         profiles, candidates = self.profiles, self.candidates
         installed, pending, downloading = (
-            InstallStatus.INSTALLED, InstallStatus.PENDING, InstallStatus.DOWNLOADING)
+            InstallStatus.INSTALLED,
+            InstallStatus.PENDING,
+            InstallStatus.DOWNLOADING,
+        )
         for d in facts.devices:
             s = d.stage
             if not 0 <= s < n_stages:
@@ -190,8 +204,16 @@ class _Tally:
 
     def progress(self) -> tuple[StageProgress, ...]:
         return tuple(
-            StageProgress(i, self.total[i], self.not_started[i], self.in_flight[i],
-                          self.succeeded[i], self.failed[i], self.silent[i], self.acked[i])
+            StageProgress(
+                i,
+                self.total[i],
+                self.not_started[i],
+                self.in_flight[i],
+                self.succeeded[i],
+                self.failed[i],
+                self.silent[i],
+                self.acked[i],
+            )
             for i in range(len(self.total))
         )
 
@@ -214,17 +236,30 @@ def _judge(stages: Sequence[StageSpec], tally: _Tally, cur: int) -> list[GateRes
     size = tally.total[cur] - tally.acked[cur]
     # Every stage so far keeps its own failure budget: a late failure there still counts.
     for j in range(cur + 1):
-        results.append(_error_gate(stages[j], j, tally.total[j] - tally.acked[j],
-                                   tally.failed_ids[j], tally.silent[j]))
+        results.append(
+            _error_gate(
+                stages[j], j, tally.total[j] - tally.acked[j], tally.failed_ids[j], tally.silent[j]
+            )
+        )
     required = _required(stage, size)
     reachable = tally.succeeded[cur] + tally.in_flight[cur] + tally.not_started[cur]
     # Without an explicit success threshold this is the error threshold said twice.
     if stage.success is not None and size and reachable < required:
-        results.append(GateResult(
-            SUCCESS_THRESHOLD, None, float(reachable), float(required), "devices", "min", True,
-            size, size, tuple(sorted(tally.failed_ids[cur])),
-            f"{reachable} of {size} stage devices can still succeed",
-        ))
+        results.append(
+            GateResult(
+                SUCCESS_THRESHOLD,
+                None,
+                float(reachable),
+                float(required),
+                "devices",
+                "min",
+                True,
+                size,
+                size,
+                tuple(sorted(tally.failed_ids[cur])),
+                f"{reachable} of {size} stage devices can still succeed",
+            )
+        )
     return results
 
 
@@ -243,10 +278,16 @@ def decide(facts: RolloutFacts, now: datetime, config: PolicyConfig = PolicyConf
     tripped = tuple(r for r in results if r.tripped)
     window_open = spec.window is None or spec.window.is_open(now)
 
-    def make(kind: DecisionKind, new: RolloutStatus, reason: str, start: tuple[str, ...] = (),
-             waiting: tuple[str, ...] = ()) -> Decision:
-        return Decision(kind, new, start, reason, tripped, results, tally.progress(), waiting,
-                        window_open)
+    def make(
+        kind: DecisionKind,
+        new: RolloutStatus,
+        reason: str,
+        start: tuple[str, ...] = (),
+        waiting: tuple[str, ...] = (),
+    ) -> Decision:
+        return Decision(
+            kind, new, start, reason, tripped, results, tally.progress(), waiting, window_open
+        )
 
     where = f"stage {cur + 1}/{len(spec.stages)} ({stage.size})"
     if status.state in FINAL or status.state in (RolloutState.DRAFT, RolloutState.PAUSED):
@@ -267,18 +308,21 @@ def decide(facts: RolloutFacts, now: datetime, config: PolicyConfig = PolicyConf
         slots = spec.max_concurrent_downloads - tally.in_flight_all
         if not window_open:
             opens = spec.window.next_open(now) if spec.window else None
-            waiting.append("maintenance window closed"
-                           + (f"; opens at {opens.isoformat()}" if opens else ""))
+            waiting.append(
+                "maintenance window closed" + (f"; opens at {opens.isoformat()}" if opens else "")
+            )
         elif slots <= 0:
             waiting.append(f"download limit reached ({tally.in_flight_all} in flight)")
         else:
             start = tuple(c[3] for c in heapq.nsmallest(slots, tally.candidates))
-    return make(DecisionKind.WAIT, status, f"{where}: " + "; ".join(waiting), start,
-                tuple(waiting))
+    return make(DecisionKind.WAIT, status, f"{where}: " + "; ".join(waiting), start, tuple(waiting))
 
 
 def _waiting(
-    stage: StageSpec, status: RolloutStatus, tally: _Tally, results: Sequence[GateResult],
+    stage: StageSpec,
+    status: RolloutStatus,
+    tally: _Tally,
+    results: Sequence[GateResult],
     now: datetime,
 ) -> list[str]:
     """Why the current stage has not passed yet; empty when it has."""
@@ -291,8 +335,10 @@ def _waiting(
         waiting.append(f"{len(tally.candidates)} devices not started yet")
     required = _required(stage, size)
     if tally.succeeded[cur] < required:
-        waiting.append(f"{tally.succeeded[cur]} of {required} required devices succeeded"
-                       f" ({tally.in_flight[cur]} installing)")
+        waiting.append(
+            f"{tally.succeeded[cur]} of {required} required devices succeeded"
+            f" ({tally.in_flight[cur]} installing)"
+        )
     started = status.stage_started_at or now
     soak_from = max(started, tally.last_start or started)
     if now < soak_from + stage.soak:
@@ -317,9 +363,15 @@ def _pass_stage(
     if stage.approval and size:
         reason = f"{done}; waiting for operator approval of stage {cur + 2}"
         return DecisionKind.AWAIT_APPROVAL, apply_event(
-            status, EngineEvent.APPROVAL_NEEDED, now, reason)
-    new = apply_event(status, EngineEvent.STAGE_PASSED, now,
-                      f"{done}; advancing to stage {later + 1}", next_stage=later)
+            status, EngineEvent.APPROVAL_NEEDED, now, reason
+        )
+    new = apply_event(
+        status,
+        EngineEvent.STAGE_PASSED,
+        now,
+        f"{done}; advancing to stage {later + 1}",
+        next_stage=later,
+    )
     return DecisionKind.ADVANCE, new
 
 
@@ -344,10 +396,21 @@ def _error_gate(
         value, unit = (count * 100.0 / size if size else 0.0), "%"
     else:
         value, unit = float(count), "devices"
-    return GateResult(ERROR_THRESHOLD, None, value, float(limit.value), unit, "max", tripped,
-                      size, 0, named, detail, stage=index)
+    return GateResult(
+        ERROR_THRESHOLD,
+        None,
+        value,
+        float(limit.value),
+        unit,
+        "max",
+        tripped,
+        size,
+        0,
+        named,
+        detail,
+        stage=index,
+    )
 
 
 def _ceil_seconds(value: timedelta) -> timedelta:
     return timedelta(seconds=-(-value // timedelta(seconds=1)))
-

@@ -67,8 +67,9 @@ def parse_stage_sizes(value: object, limits: SpecLimits = DEFAULT_LIMITS) -> tup
         )
     if len(items) > limits.max_stages:
         raise InvalidInputError(f"at most {limits.max_stages} stages are allowed, got {len(items)}")
-    sizes = tuple(parse_amount(item, f"stage {i + 1} size", allow_zero=False)
-                  for i, item in enumerate(items))
+    sizes = tuple(
+        parse_amount(item, f"stage {i + 1} size", allow_zero=False) for i, item in enumerate(items)
+    )
     check_stage_sizes(sizes)
     return sizes
 
@@ -285,12 +286,17 @@ class RolloutSpec:
         return cls(
             release=parse_release(data.get("release")),
             selector=parse_selector(
-                _list(sel.get("tags")), _list(sel.get("profiles")), _list(sel.get("devices")),
-                _flag(sel.get("all", False), "selector all"), limits,
+                _list(sel.get("tags")),
+                _list(sel.get("profiles")),
+                _list(sel.get("devices")),
+                _flag(sel.get("all", False), "selector all"),
+                limits,
             ),
             stages=parsed,
             max_concurrent_downloads=_downloads(data.get("max_concurrent_downloads", 100), limits),
-            window=None if window is None else parse_window(
+            window=None
+            if window is None
+            else parse_window(
                 window.get("cron"),
                 parse_duration(window.get("duration"), "window duration"),
                 window.get("timezone", "UTC"),
@@ -362,7 +368,10 @@ def build_spec(
 ) -> RolloutSpec:
     """The operator's options (CLI flags or REST fields), with every stage sharing them."""
     stage = {
-        "soak": soak, "timeout": timeout, "success": success, "max_failures": max_failure,
+        "soak": soak,
+        "timeout": timeout,
+        "success": success,
+        "max_failures": max_failure,
         "approval": approval,
         "gates": {
             "max_install_failure": max_install_failure,
@@ -379,12 +388,17 @@ def build_spec(
     return RolloutSpec.from_json(
         {
             "release": release,
-            "selector": {"tags": list(select), "profiles": list(profiles),
-                         "devices": list(devices), "all": all_devices},
+            "selector": {
+                "tags": list(select),
+                "profiles": list(profiles),
+                "devices": list(devices),
+                "all": all_devices,
+            },
             "stages": [{**stage, "size": str(size)} for size in sizes],
             "max_concurrent_downloads": max_concurrent_downloads,
-            "window": None if window_cron is None else {
-                "cron": window_cron, "duration": window_duration, "timezone": window_timezone},
+            "window": None
+            if window_cron is None
+            else {"cron": window_cron, "duration": window_duration, "timezone": window_timezone},
             "variants": dict(variants or {}),
         },
         limits,
