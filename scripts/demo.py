@@ -58,7 +58,9 @@ class Demo:
         return resp.json()
 
     def start_server(self) -> None:
-        cfg = ServerConfig(data_dir=self.work / "server", port=0, poll_interval_s=2.0)
+        cfg = ServerConfig(
+            data_dir=self.work / "server", port=0, poll_interval_s=2.0, rollout_tick_interval_s=1.0
+        )
         self.server = start_server(cfg)
         self.log(
             f"fleet server at {self.server.url} (API docs {self.server.url}/docs), "
@@ -97,6 +99,46 @@ class Demo:
                 f"({100 * delta['length'] / info['length']:.1f}% of the INT8 file, "
                 f"{fp32.stat().st_size / delta['length']:.0f}x smaller than FP32), signed"
             )
+
+    def rollout(self, release: int, timeout_s: float = 180.0) -> None:
+        """A staged rollout across the demo fleet, printing each stage decision."""
+        body = {
+            "release": f"{MODEL}@{release}",
+            "select": ["fleet=demo"],
+            "stages": "33%,67%,100%",
+            "soak": "4s",
+            "timeout": "2m",
+            "max_failure": "0",
+            "max_latency_regression": "100%",
+            "max_power_regression": "50%",
+            "min_golden_accuracy": "0.95",
+            "min_sample": 1,
+            "start": True,
+        }
+        rollout = self.api("POST", "/api/v1/rollouts", json=body)
+        rid = rollout["id"]
+        self.log(
+            f"rollout {rid}: {MODEL}@{release} to fleet=demo in stages 33%,67%,100% "
+            "(soak 4s; gates: install failures, p95 latency, power, golden-set accuracy >= 0.95)"
+        )
+        seen: set[tuple[Any, ...]] = set()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            detail = self.api("GET", f"/api/v1/rollouts/{rid}")
+            decision = detail.get("decision") or {}
+            key = (detail["state"], detail.get("stage_index"), decision.get("kind"))
+            if key not in seen and decision.get("kind"):
+                seen.add(key)
+                stage = detail.get("stage_index")
+                where = (
+                    f"stage {stage + 1}/{len(detail['stage_list'])}" if stage is not None else ""
+                )
+                reason = decision.get("reason") or detail.get("paused_reason") or ""
+                self.log(f"  rollout {detail['state']} {where}: {decision.get('kind')} {reason}")
+            if detail["state"] in ("completed", "paused", "aborted", "reverted"):
+                return
+            time.sleep(0.5)
+        raise SystemExit(f"demo: rollout {rid} did not finish in {timeout_s:.0f}s")
 
     def bandwidth(self) -> None:
         fleet = self.api("GET", "/api/v1/bandwidth")["fleet"]
@@ -250,7 +292,7 @@ def main() -> int:
         demo.assign(1)
         demo.table(demo.wait_for_release(1))
         demo.publish(2)
-        demo.assign(2)
+        demo.rollout(2)
         demo.table(demo.wait_for_release(2))
         demo.bandwidth()
         if args.serve:
