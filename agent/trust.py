@@ -13,23 +13,25 @@ retry later instead of reporting an attack.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
-from tuf.api import exceptions as tuf_exc
-from tuf.ngclient.config import UpdaterConfig
-from tuf.ngclient.fetcher import FetcherInterface
-from tuf.ngclient.updater import Updater
+from tuf.api import exceptions as tuf_exc  # light; tuf.ngclient is imported on first use
 
 from agent.errors import ProtocolError, VerificationError
 from agent.protocol.api import TUF_METADATA_PREFIX, TUF_TARGETS_PREFIX
 from agent.protocol.manifest import check_sha256
+
+if TYPE_CHECKING:
+    from tuf.ngclient.fetcher import FetcherInterface
+    from tuf.ngclient.updater import Updater
 
 logger = logging.getLogger(__name__)
 
@@ -99,29 +101,37 @@ def decode_custom(value: Any) -> Any:
     return value
 
 
-class _SessionFetcher(FetcherInterface):
-    """python-tuf fetcher over a requests session (shared headers, proxies, TLS)."""
+@functools.cache
+def _session_fetcher() -> Callable[[requests.Session, TrustLimits], FetcherInterface]:
+    """The fetcher class, built on first use: importing tuf.ngclient loads python-tuf's
+    metadata and crypto stack (~10 MB RSS), which an agent that is not updating never needs."""
+    from tuf.ngclient.fetcher import FetcherInterface  # noqa: PLC0415
 
-    def __init__(self, session: requests.Session, limits: TrustLimits) -> None:
-        self._session = session
-        self._limits = limits
+    class _SessionFetcher(FetcherInterface):
+        """python-tuf fetcher over a requests session (shared headers, proxies, TLS)."""
 
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        response = self._session.get(url, stream=True, timeout=self._limits.timeout_s)
-        if response.status_code >= 400:
-            response.close()
-            raise tuf_exc.DownloadHTTPError(
-                f"{url} answered HTTP {response.status_code}", response.status_code
-            )
-        return self._chunks(response)
+        def __init__(self, session: requests.Session, limits: TrustLimits) -> None:
+            self._session = session
+            self._limits = limits
 
-    def _chunks(self, response: requests.Response) -> Iterator[bytes]:
-        try:
-            yield from response.iter_content(self._limits.chunk_size)
-        except requests.RequestException as err:
-            raise tuf_exc.DownloadError(f"connection lost: {err}") from err
-        finally:
-            response.close()
+        def _fetch(self, url: str) -> Iterator[bytes]:
+            response = self._session.get(url, stream=True, timeout=self._limits.timeout_s)
+            if response.status_code >= 400:
+                response.close()
+                raise tuf_exc.DownloadHTTPError(
+                    f"{url} answered HTTP {response.status_code}", response.status_code
+                )
+            return self._chunks(response)
+
+        def _chunks(self, response: requests.Response) -> Iterator[bytes]:
+            try:
+                yield from response.iter_content(self._limits.chunk_size)
+            except requests.RequestException as err:
+                raise tuf_exc.DownloadError(f"connection lost: {err}") from err
+            finally:
+                response.close()
+
+    return _SessionFetcher
 
 
 def _as_verification_error(err: Exception, doing: str) -> VerificationError:
@@ -166,6 +176,9 @@ class TrustClient:
         return self.base_url + TUF_TARGETS_PREFIX
 
     def _new_updater(self) -> Updater:
+        from tuf.ngclient.config import UpdaterConfig  # noqa: PLC0415 - see _session_fetcher
+        from tuf.ngclient.updater import Updater  # noqa: PLC0415
+
         limits = self._limits
         config = UpdaterConfig(
             root_max_length=limits.root_max_length,
@@ -181,7 +194,7 @@ class TrustClient:
                 str(self.metadata_dir),
                 self.metadata_url,
                 target_base_url=self.targets_url,
-                fetcher=_SessionFetcher(self._session, limits),
+                fetcher=_session_fetcher()(self._session, limits),
                 config=config,
                 bootstrap=self._pinned_root,
             )

@@ -1,0 +1,256 @@
+"""The inference thread: frames in, results and telemetry windows out.
+
+The model is swapped in by the updater (from another thread) under a lock;
+the interpreter itself is only ever driven from this thread. Each swap starts
+a new generation so the health check counts only the new model's frames.
+
+The per-frame path (``_step``) is kept to the frame, the engine and two
+histogram records: no allocation of our own, no IO, no waking of other
+threads unless one is waiting. Everything else happens once per window.
+Power and thermal come from an optional sampler whose window is cut at the
+same instant as the latency window, so energy per inference matches the
+inferences it is divided by.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from agent.errors import AgentError, ConfigError
+from agent.sampler import PowerWindow
+from agent.smoke import RuntimeChoice
+from agent.telemetry import TelemetryWindow
+
+if TYPE_CHECKING:  # numpy and the runtime load with the first model, not at start-up
+    from agent.frames import FrameSource
+    from agent.inference import InferenceEngine
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+class PowerWindows(Protocol):
+    """Anything that hands out consecutive power windows (``PowerSampler``)."""
+
+    def window(self) -> PowerWindow: ...
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    error_backoff_s: float = 1.0  # pause after a failed frame, so a broken model cannot spin
+    idle_wait_s: float = 0.5  # how long the thread sleeps between checks without a model
+    join_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.error_backoff_s < 0 or self.idle_wait_s <= 0 or self.join_timeout_s <= 0:
+            raise ConfigError(f"invalid worker limits: {self}")
+
+
+@dataclass
+class _Active:
+    engine: InferenceEngine
+    source: FrameSource
+    manifest: dict[str, Any]
+    slot: str
+    generation: int
+
+
+class InferenceWorker:
+    def __init__(
+        self,
+        choice: RuntimeChoice,
+        frames: str,
+        publish: Publish,
+        *,
+        window_s: float,
+        results_every: int = 50,
+        top_k: int = 3,
+        max_fps: float = 0.0,
+        warmup: int = 5,
+        extra_telemetry: Callable[[], dict[str, Any]] | None = None,
+        power: PowerWindows | None = None,
+        idle_mw: float = 0.0,
+        limits: WorkerLimits | None = None,
+    ) -> None:
+        if window_s <= 0 or results_every < 0 or max_fps < 0 or warmup < 0 or idle_mw < 0:
+            raise ConfigError(
+                "worker needs window_s > 0 and results_every, max_fps, warmup, idle_mw >= 0"
+            )
+        self.choice = choice
+        self.frames = frames
+        self.publish = publish
+        self.window_s = window_s
+        self.results_every = results_every
+        self.top_k = top_k
+        self.min_period = 1.0 / max_fps if max_fps > 0 else 0.0
+        self.warmup = warmup
+        self.extra_telemetry = extra_telemetry
+        self.power = power
+        self.idle_mw = idle_mw
+        self.limits = limits or WorkerLimits()
+        self._lock = threading.Condition()
+        self._active: _Active | None = None
+        self._generation = 0
+        self._gen_ok = 0
+        self._gen_error: str | None = None
+        self._waiters = 0  # threads in wait_healthy; the hot path notifies only if > 0
+        self._since_results = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.window = TelemetryWindow(warmup=warmup)
+        self.total_inferences = 0
+        self.windows_published = 0
+        self.flush_cpu_s = 0.0  # thread CPU time spent building and publishing windows
+
+    # -- called from the updater / main thread -------------------------------
+    def swap(self, model_path: Path | None, manifest: dict[str, Any] | None) -> None:
+        """Replace the running model (None stops inference until the next swap).
+
+        The new model is loaded before the lock is taken, so a model that fails
+        to load raises here and the old one keeps running.
+        """
+        new: _Active | None = None
+        if model_path is not None and manifest is not None:
+            from agent.frames import open_source  # noqa: PLC0415 - numpy only with a model
+            from agent.inference import InferenceEngine  # noqa: PLC0415
+
+            model = self.choice.load(model_path)
+            try:
+                engine = InferenceEngine(model, manifest.get("labels") or (), top_k=self.top_k)
+                source = open_source(self.frames, model.input.shape)
+            except AgentError:
+                model.close()
+                raise
+            new = _Active(engine, source, manifest, model_path.parent.name, self._generation + 1)
+        with self._lock:
+            old = self._active
+            self._generation += 1
+            self._active = new
+            self._gen_ok, self._gen_error = 0, None
+            self._since_results = 0
+            self.window.restart(manifest)
+            if self.power is not None:
+                self.power.window()  # drop the power of the old model's partial window
+            self._lock.notify_all()
+        if old is not None:
+            old.engine.model.close()
+
+    def wait_healthy(self, inferences: int, timeout_s: float) -> str | None:
+        """Block until the current model ran ``inferences`` frames cleanly.
+
+        None when healthy, else why not: the first inference error, or too few
+        inferences before the timeout (or with no model at all).
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._waiters += 1
+            try:
+                while self._gen_error is None and self._gen_ok < inferences:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._active is None:
+                        return f"only {self._gen_ok}/{inferences} inferences in {timeout_s:.0f}s"
+                    self._lock.wait(timeout=min(left, 0.5))
+                return self._gen_error
+            finally:
+                self._waiters -= 1
+
+    def start(self) -> None:
+        if self.alive:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        if self._thread:
+            self._thread.join(timeout=self.limits.join_timeout_s)
+        self.swap(None, None)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the loop ----------------------------------------------------------------
+    def _loop(self) -> None:
+        lock, stop, step = self._lock, self._stop, self._step
+        monotonic = time.monotonic
+        next_window = monotonic() + self.window_s
+        due = monotonic()  # when the frame just run was due, for max_fps pacing
+        while not stop.is_set():
+            with lock:
+                active = self._active
+                if active is None:
+                    lock.wait(timeout=self.limits.idle_wait_s)
+                    ok = True
+                else:
+                    ok = step(active)
+            now = monotonic()
+            if now >= next_window:
+                next_window = now + self.window_s
+                self._flush_window()
+            if not ok:
+                stop.wait(self.limits.error_backoff_s)
+            elif self.min_period:
+                # Pace to a schedule, so max_fps is the rate and not 1/(period + work);
+                # after falling behind, start again from now instead of bursting.
+                due = max(due + self.min_period, now)
+                stop.wait(due - now)
+
+    def _step(self, active: _Active) -> bool:
+        """One frame; called with the lock held. False when it failed."""
+        t0 = time.perf_counter_ns()
+        try:
+            result = active.engine.run(next(active.source))
+        except AgentError as err:
+            self.window.error()
+            if self._gen_error is None:  # log once per model; the window counts the rest
+                log.error("inference failed: %s", err)
+            self._gen_error = f"inference failed: {err}"
+            self._lock.notify_all()
+            return False
+        self.window.record(result.invoke_ns, time.perf_counter_ns() - t0)
+        self.total_inferences += 1
+        self._gen_ok += 1
+        if self._waiters:
+            self._lock.notify_all()
+        if self.results_every:
+            self._since_results += 1
+            if self._since_results >= self.results_every:
+                self._since_results = 0
+                self.publish("results", self._results(active, result.top_k))
+                active.engine.reset_counts()
+        return True
+
+    @staticmethod
+    def _results(active: _Active, top_k: tuple[tuple[str, float], ...]) -> dict[str, Any]:
+        return {
+            "release": active.manifest.get("release"),
+            "model": active.manifest.get("name"),
+            "slot": active.slot,
+            "class_counts": active.engine.class_counts(),
+            "last_top_k": [[label, round(score, 4)] for label, score in top_k],
+        }
+
+    def _flush_window(self) -> None:
+        started = time.thread_time()
+        with self._lock:
+            # Both windows are cut under one lock, so they cover the same frames.
+            power = self.power.window() if self.power is not None else None
+            slot = self._active.slot if self._active else None
+            payload = self.window.snapshot(slot, power, self.idle_mw)
+        if payload is not None:
+            if self.extra_telemetry is not None:
+                payload.update(self.extra_telemetry())
+            self.publish("telemetry", payload)
+            self.windows_published += 1
+        self.flush_cpu_s += time.thread_time() - started
