@@ -27,7 +27,6 @@ class InferenceConfig:
     max_fps: float = 0.0
     runtime: str = ""
     num_threads: int = 0
-    results_every: int = 50
 
 
 @dataclass(frozen=True)

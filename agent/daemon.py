@@ -83,7 +83,6 @@ class Agent:
             cfg.inference.frames,
             self.publisher.publish,
             window_s=cfg.telemetry.window_s,
-            results_every=cfg.inference.results_every,
             top_k=cfg.inference.top_k,
             max_fps=cfg.inference.max_fps,
             warmup=cfg.telemetry.warmup_inferences,

@@ -70,7 +70,6 @@ class InferenceWorker:
         publish: Publish,
         *,
         window_s: float,
-        results_every: int = 50,
         top_k: int = 3,
         max_fps: float = 0.0,
         warmup: int = 5,
@@ -79,15 +78,12 @@ class InferenceWorker:
         idle_mw: float = 0.0,
         limits: WorkerLimits | None = None,
     ) -> None:
-        if window_s <= 0 or results_every < 0 or max_fps < 0 or warmup < 0 or idle_mw < 0:
-            raise ConfigError(
-                "worker needs window_s > 0 and results_every, max_fps, warmup, idle_mw >= 0"
-            )
+        if window_s <= 0 or max_fps < 0 or warmup < 0 or idle_mw < 0:
+            raise ConfigError("worker needs window_s > 0 and max_fps, warmup, idle_mw >= 0")
         self.choice = choice
         self.frames = frames
         self.publish = publish
         self.window_s = window_s
-        self.results_every = results_every
         self.top_k = top_k
         self.min_period = 1.0 / max_fps if max_fps > 0 else 0.0
         self.warmup = warmup
@@ -101,7 +97,7 @@ class InferenceWorker:
         self._gen_ok = 0
         self._gen_error: str | None = None
         self._waiters = 0  # threads in wait_healthy; the hot path notifies only if > 0
-        self._since_results = 0
+        self._last_top_k: tuple[tuple[str, float], ...] = ()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.window = TelemetryWindow(warmup=warmup)
@@ -134,7 +130,7 @@ class InferenceWorker:
             self._generation += 1
             self._active = new
             self._gen_ok, self._gen_error = 0, None
-            self._since_results = 0
+            self._last_top_k = ()
             self.window.restart(manifest)
             if self.power is not None:
                 self.power.window()  # drop the power of the old model's partial window
@@ -223,16 +219,12 @@ class InferenceWorker:
         self._gen_ok += 1
         if self._waiters:
             self._lock.notify_all()
-        if self.results_every:
-            self._since_results += 1
-            if self._since_results >= self.results_every:
-                self._since_results = 0
-                self.publish("results", self._results(active, result.top_k))
-                active.engine.reset_counts()
+        self._last_top_k = result.top_k
         return True
 
-    @staticmethod
-    def _results(active: _Active, top_k: tuple[tuple[str, float], ...]) -> dict[str, Any]:
+    def _results(self, active: _Active) -> dict[str, Any]:
+        """Class counts for one window: one results message per window, whatever the fps."""
+        top_k = self._last_top_k
         return {
             "release": active.manifest.get("release"),
             "model": active.manifest.get("name"),
@@ -248,6 +240,12 @@ class InferenceWorker:
             power = self.power.window() if self.power is not None else None
             slot = self._active.slot if self._active else None
             payload = self.window.snapshot(slot, power, self.idle_mw)
+            results = None
+            if self._active is not None and self._active.engine.inference_count:
+                results = self._results(self._active)
+                self._active.engine.reset_counts()
+        if results is not None:
+            self.publish("results", results)
         if payload is not None:
             if self.extra_telemetry is not None:
                 payload.update(self.extra_telemetry())
