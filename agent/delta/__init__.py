@@ -1,0 +1,38 @@
+"""EdgeFleet model deltas: make on the server, apply (streaming) on the device.
+
+The format is specified in docs/delta-format.md. The device side needs only
+numpy and zstandard; making a model-aware delta also needs ai_edge_litert's
+flatbuffer schema, and the bsdiff method needs bsdiff4 (server side only).
+"""
+
+from __future__ import annotations
+
+from agent.delta.config import DEFAULT_CONFIG, DeltaConfig
+from agent.delta.decoder import ApplyInfo, apply_bytes, apply_delta, read_header
+from agent.delta.encoder import DeltaInfo, make_delta, make_patch_bytes
+from agent.delta.errors import (
+    CorruptPatchError,
+    DeltaError,
+    DeltaInputError,
+    TruncatedPatchError,
+    WrongBaseError,
+)
+from agent.delta.format import DeltaHeader
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ApplyInfo",
+    "CorruptPatchError",
+    "DeltaConfig",
+    "DeltaError",
+    "DeltaHeader",
+    "DeltaInfo",
+    "DeltaInputError",
+    "TruncatedPatchError",
+    "WrongBaseError",
+    "apply_bytes",
+    "apply_delta",
+    "make_delta",
+    "make_patch_bytes",
+    "read_header",
+]
