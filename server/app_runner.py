@@ -1,5 +1,8 @@
 """Start and stop a whole fleet server in-process: keys, TUF repo, DB, broker, ingest, HTTP.
 
+Telemetry goes broker -> ingest -> ``RollupWriter`` (batched, de-duplicated,
+rolled up); ``/metrics`` reads the database and the writer's counters.
+
 ``start_server(config)`` returns a ``ServerHandle`` with the live URL and MQTT
 port; tests, the demo and ``edgefleet-server run`` all use it. uvicorn (one
 worker) runs on its own thread on a socket bound here, so port 0 works.
@@ -17,12 +20,16 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from server.api import AppState, create_app
-from server.broker import INTERNAL_USERNAME, EmbeddedBroker, MqttAuthorizer
+from server.broker import INTERNAL_USERNAME, BrokerTls, EmbeddedBroker, MqttAuthorizer
 from server.config import MqttEndpoint, ServerConfig, ensure_operator_token
 from server.db import Database
 from server.errors import ConfigError, ServerError
 from server.ingest import TelemetryIngest
 from server.keys import ROLES, init_keys, key_path
+from server.metrics import FleetMetrics
+from server.rollout_scheduler import RolloutScheduler
+from server.rollout_service import ServiceConfig
+from server.rollups import RollupConfig, RollupWriter
 from server.store import check_mqtt_password, new_secret
 from server.tuf_repo import TufRepository
 
@@ -73,16 +80,24 @@ class ServerHandle:
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _refresher: threading.Thread | None = None
+    writer: RollupWriter | None = None
+    metrics: FleetMetrics | None = None
+    scheduler: RolloutScheduler | None = None
 
     def stop(self) -> None:
         self._stop.set()
+        if self.scheduler is not None:
+            self.scheduler.stop()
         if self._uvicorn is not None and self._thread is not None:
             self._uvicorn.should_exit = True
             self._thread.join(timeout=15)
             self._uvicorn = None
-        self.ingest.stop()
+        # Broker first: its drain hands accepted messages to the still-running ingest.
         if self.broker is not None:
             self.broker.stop()
+        self.ingest.stop()
+        if self.writer is not None:
+            self.writer.stop()
         if self._refresher is not None:
             self._refresher.join(timeout=5)
             self._refresher = None
@@ -121,14 +136,20 @@ def _start_mqtt(
         with db.session() as s:
             return check_mqtt_password(s, username, password)
 
+    tls = None
+    if cfg.mqtt_tls_cert_file is not None and cfg.mqtt_tls_key_file is not None:
+        tls = BrokerTls(cfg.mqtt_tls_cert_file, cfg.mqtt_tls_key_file)
     broker = EmbeddedBroker(
         cfg.mqtt_bind_host,
         cfg.mqtt_bind_port,
         MqttAuthorizer(internal_password, check_device),
         cfg.broker_max_connections,
+        tls=tls,
+        hold_devices_until_ingest=True,
     )
     port = broker.start(cfg.startup_timeout_s)
-    endpoint = MqttEndpoint(cfg.mqtt_bind_host, port, INTERNAL_USERNAME, internal_password)
+    host, ingest_port = broker.ingest_address
+    endpoint = MqttEndpoint(host, ingest_port, INTERNAL_USERNAME, internal_password)
     public = MqttEndpoint(
         cfg.mqtt_public_host or cfg.mqtt_bind_host,
         cfg.mqtt_public_port or port,
@@ -138,11 +159,11 @@ def _start_mqtt(
 
 
 def _start_http(
-    cfg: ServerConfig, state: AppState, sock: socket.socket
+    cfg: ServerConfig, state: AppState, sock: socket.socket, metrics: FleetMetrics
 ) -> tuple[uvicorn.Server, threading.Thread]:
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(state),
+            create_app(state, metrics=metrics),
             log_level=cfg.log_level,
             access_log=False,
             timeout_graceful_shutdown=5,
@@ -180,21 +201,32 @@ def start_server(config: ServerConfig) -> ServerHandle:
     broker: EmbeddedBroker | None = None
     ingest: TelemetryIngest | None = None
     sock: socket.socket | None = None
+    writer = RollupWriter(db, RollupConfig.from_server(cfg))
+    writer.start()
     try:
         broker, endpoint, public = _start_mqtt(cfg, db)
         ingest = TelemetryIngest(
-            db, endpoint, cfg.ingest_client_id, cfg.max_telemetry_bytes, cfg.mqtt_keepalive_s
+            db,
+            endpoint,
+            cfg.ingest_client_id,
+            cfg.max_telemetry_bytes,
+            cfg.mqtt_keepalive_s,
+            sink=writer,
+            on_subscribed=broker.ingest_ready if broker is not None else None,
+            manual_ack=broker is None and cfg.ingest_ack_after_commit,  # see server.ingest
         )
         ingest.start(cfg.startup_timeout_s)
+        metrics = FleetMetrics(db, cfg, writer=writer, ingest=ingest)
         sock = _bind(cfg.host, cfg.port)
-        server, thread = _start_http(cfg, AppState(cfg, db, repo, token, public), sock)
+        server, thread = _start_http(cfg, AppState(cfg, db, repo, token, public), sock, metrics)
     except BaseException:
         if sock is not None:
             sock.close()
-        if ingest is not None:
-            ingest.stop()
         if broker is not None:
             broker.stop()
+        if ingest is not None:
+            ingest.stop()
+        writer.stop()
         db.dispose()
         raise
     handle = ServerHandle(
@@ -209,7 +241,13 @@ def start_server(config: ServerConfig) -> ServerHandle:
         mqtt_port=public.port,
         _uvicorn=server,
         _thread=thread,
+        writer=writer,
+        metrics=metrics,
     )
     handle.start_refresher()
+    handle.scheduler = RolloutScheduler(
+        db, cfg.rollout_tick_interval_s, ServiceConfig.from_server(cfg)
+    )
+    handle.scheduler.start()
     log.info("fleet server API at %s (MQTT %s:%s)", handle.url, public.host, public.port)
     return handle

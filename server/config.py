@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 OPERATOR_TOKEN_ENV = "EDGEFLEET_OPERATOR_TOKEN"  # noqa: S105 - a variable name, not a secret
 OPERATOR_TOKEN_FILE = "operator.token"  # noqa: S105
+ROLLOUT_TICK_ENV = "EDGEFLEET_ROLLOUT_TICK_S"
+METRICS_TOKEN_ENV = "EDGEFLEET_METRICS_TOKEN"  # noqa: S105 - a variable name, not a secret
 _MIN_TOKEN_CHARS = 16
 
 
@@ -33,6 +35,7 @@ class MqttEndpoint:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    ca_file: str | None = None  # CA bundle for TLS; None: the system's trust store
 
 
 def parse_mqtt_url(url: str) -> MqttEndpoint:
@@ -65,6 +68,14 @@ def normalize_db_url(url: str) -> str:
         return url
     scheme = url.split(":", 1)[0]
     raise ConfigError(f"unsupported database URL {scheme!r}: use sqlite or postgresql")
+
+
+def _rollout_tick_default() -> float:
+    raw = os.environ.get(ROLLOUT_TICK_ENV)
+    try:
+        return float(raw) if raw else 5.0
+    except ValueError as err:
+        raise ConfigError(f"${ROLLOUT_TICK_ENV} {raw!r} is not a number of seconds") from err
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,32 @@ class ServerConfig:
     mqtt_keepalive_s: int = 30
     startup_timeout_s: float = 20.0
     log_level: str = "info"
+    # Telemetry rollups, retention and metrics
+    rollup_bucket_s: int = 60
+    telemetry_retention_days: float = 30.0
+    rollup_flush_interval_s: float = 0.2  # a batch is written after this long...
+    rollup_flush_max_messages: int = 500  # ...or once this many messages are queued
+    # ...or when the stream pauses this long: a broker that caps unacknowledged
+    # deliveries (Mosquitto: max_inflight_messages 20) then waits for our commit.
+    rollup_flush_idle_s: float = 0.005
+    # External broker only: PUBACK a message after its batch commits, not on queueing,
+    # so a server crash loses nothing. Needs a broker that never drops what waits for
+    # the ingest (Mosquitto: max_queued_messages 0); default Mosquitto drops beyond 1000.
+    ingest_ack_after_commit: bool = False
+    ingest_queue_max: int = 20_000  # beyond this the MQTT thread waits (back-pressure)
+    retention_prune_interval_s: float = 3600.0
+    max_clock_skew_s: float = 300.0  # a device timestamp further ahead uses the receive time
+    # Seen within this long (at least 3 check-in intervals) and not "offline" = online.
+    online_window_s: float = 120.0
+    metrics_window_s: float = 120.0  # the gauges summarise this much recent telemetry
+    metrics_cache_s: float = 5.0  # scrapes closer together reuse the last answer
+    metrics_token: str | None = None  # a read-only bearer token for Prometheus
+    # TLS: the embedded broker's device listener, and the CA the ingest trusts
+    mqtt_tls_cert_file: Path | None = None
+    mqtt_tls_key_file: Path | None = None
+    mqtt_ca_file: Path | None = None
+    # Rollouts: how often the scheduler ticks (also $EDGEFLEET_ROLLOUT_TICK_S)
+    rollout_tick_interval_s: float = dataclasses.field(default_factory=_rollout_tick_default)
 
     @property
     def token_file(self) -> Path:
@@ -119,21 +156,79 @@ class ServerConfig:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ConfigError(f"{name} {value} is not a TCP port")
+        if not self.rollout_tick_interval_s > 0:
+            raise ConfigError("rollout_tick_interval_s must be positive")
         if self.poll_interval_s <= 0:
             raise ConfigError("poll_interval_s must be positive")
         for name in ("max_upload_bytes", "max_json_bytes", "max_telemetry_bytes"):
             if getattr(self, name) < 1024:
                 raise ConfigError(f"{name} must be at least 1024")
+        self._check_telemetry_limits()
+        cert, key, ca = _check_tls_files(self)
         return dataclasses.replace(
             self,
             data_dir=data,
             db_url=db_url,
+            mqtt_public_tls=self.mqtt_public_tls or self.mqtt_tls_cert_file is not None,
+            metrics_token=_check_metrics_token(
+                self.metrics_token or os.environ.get(METRICS_TOKEN_ENV)
+            ),
+            mqtt_tls_cert_file=cert,
+            mqtt_tls_key_file=key,
+            mqtt_ca_file=ca,
             keys_dir=Path(self.keys_dir).resolve() if self.keys_dir else data / "keys",
             repo_dir=Path(self.repo_dir).resolve() if self.repo_dir else data / "repo",
         )
 
+    def _check_telemetry_limits(self) -> None:
+        if not 1 <= self.rollup_bucket_s <= 3600:
+            raise ConfigError("rollup_bucket_s must be between 1 and 3600")
+        if self.telemetry_retention_days <= 0:
+            raise ConfigError("telemetry_retention_days must be positive")
+        if self.rollup_flush_max_messages < 1 or self.ingest_queue_max < 1:
+            raise ConfigError("rollup_flush_max_messages and ingest_queue_max must be >= 1")
+        for name in (
+            "rollup_flush_interval_s",
+            "rollup_flush_idle_s",
+            "retention_prune_interval_s",
+            "online_window_s",
+            "metrics_window_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.max_clock_skew_s < 0 or self.metrics_cache_s < 0:
+            raise ConfigError("max_clock_skew_s and metrics_cache_s must not be negative")
+
     def mqtt_endpoint(self) -> MqttEndpoint | None:
-        return parse_mqtt_url(self.mqtt_url) if self.mqtt_url else None
+        if not self.mqtt_url:
+            return None
+        endpoint = parse_mqtt_url(self.mqtt_url)
+        if self.mqtt_ca_file is not None:
+            endpoint = dataclasses.replace(endpoint, ca_file=str(self.mqtt_ca_file))
+        return endpoint
+
+
+def _check_metrics_token(token: str | None) -> str | None:
+    if token is not None and len(token) < _MIN_TOKEN_CHARS:
+        raise ConfigError(f"metrics token must be at least {_MIN_TOKEN_CHARS} characters")
+    return token
+
+
+def _check_tls_files(cfg: ServerConfig) -> tuple[Path | None, Path | None, Path | None]:
+    """Resolved TLS paths; a certificate needs its key, and every named file must exist."""
+    if (cfg.mqtt_tls_cert_file is None) != (cfg.mqtt_tls_key_file is None):
+        raise ConfigError("the MQTT TLS certificate and key must be given together")
+    if cfg.mqtt_tls_cert_file is not None and cfg.mqtt_url is not None:
+        raise ConfigError("MQTT TLS certificate/key are for the embedded broker, not with mqtt_url")
+    out: list[Path | None] = []
+    for name in ("mqtt_tls_cert_file", "mqtt_tls_key_file", "mqtt_ca_file"):
+        value = getattr(cfg, name)
+        if value is not None:
+            value = Path(value).expanduser().resolve()
+            if not value.is_file():
+                raise ConfigError(f"{name} {value} is not a readable file")
+        out.append(value)
+    return out[0], out[1], out[2]
 
 
 def ensure_operator_token(config: ServerConfig) -> str:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -151,6 +152,73 @@ class TelemetryLatest(Base):
     channel: Mapped[str] = mapped_column(String(16), primary_key=True)
     received_at: Mapped[datetime]
     payload: Mapped[dict[str, Any]]
+
+
+class TelemetryRollup(Base):
+    """One bucket (default 1 minute) of telemetry windows per device, profile and release.
+
+    Sums and counts, not means, so buckets merge exactly across devices and time;
+    latency is a sparse fixed-bucket histogram (``server.latency_sketch``) for the
+    same reason. Written only by ``server.rollups``.
+    """
+
+    __tablename__ = "telemetry_rollups"
+    __table_args__ = (
+        UniqueConstraint(
+            "bucket", "device_id", "profile", "model", "release", "power_source", name="uq_rollup"
+        ),
+        Index("ix_rollups_device_bucket", "device_id", "bucket"),
+        Index("ix_rollups_release_bucket", "model", "release", "bucket"),
+    )
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    bucket: Mapped[datetime]
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    profile: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(64))  # "" when no model ran
+    release: Mapped[int]  # 0 when no model ran
+    power_source: Mapped[str] = mapped_column(String(16))  # sensor | estimate | unknown | ""
+    windows: Mapped[int]
+    inferences: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    window_s_sum: Mapped[float] = mapped_column(Float)
+    fps_sum: Mapped[float] = mapped_column(Float)
+    cpu_windows: Mapped[int]
+    cpu_percent_sum: Mapped[float] = mapped_column(Float)
+    rss_mb_max: Mapped[float | None] = mapped_column(Float)
+    power_windows: Mapped[int]
+    power_mw_sum: Mapped[float] = mapped_column(Float)
+    power_mw_max: Mapped[float | None] = mapped_column(Float)
+    energy_inferences: Mapped[int] = mapped_column(BigInteger)
+    energy_mj_sum: Mapped[float] = mapped_column(Float)
+    energy_above_idle_mj_sum: Mapped[float] = mapped_column(Float)
+    thermal_windows: Mapped[int]
+    throttled_windows: Mapped[int]
+    temp_max_c: Mapped[float | None] = mapped_column(Float)
+    invoke_hist: Mapped[dict[str, Any]]
+    invoke_p95_ms: Mapped[float | None] = mapped_column(Float)
+    invoke_max_ms: Mapped[float | None] = mapped_column(Float)
+    e2e_hist: Mapped[dict[str, Any]]
+    e2e_p95_ms: Mapped[float | None] = mapped_column(Float)
+    outbox_dropped: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime]
+
+
+class IngestCursor(Base):
+    """The newest outbox ``seq`` (and its ``ts``) accepted per device, to drop QoS 1 repeats.
+
+    Its row is also the per-device lock that serialises rollup writes between
+    server replicas (``SELECT ... FOR UPDATE`` on PostgreSQL).
+    """
+
+    __tablename__ = "ingest_cursors"
+
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int | None] = mapped_column(BigInteger)
+    ts: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[datetime]
 
 
 def as_utc(value: datetime | None) -> datetime | None:

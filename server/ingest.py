@@ -2,8 +2,15 @@
 
 A paho-mqtt 2 client with a fixed client id and a persistent session
 (clean_session False) subscribes to ``edgefleet/v1/devices/+/+`` at QoS 1.
-paho acknowledges a QoS 1 message only after ``on_message`` returns, so a
-message is in the database before the broker may forget it.
+Without a ``sink``, paho acknowledges a QoS 1 message only after
+``on_message`` has stored it. With a ``sink`` (``server.rollups.RollupWriter``,
+the server's default) messages are queued for batched writes, which also drop
+QoS 1 repeats by (device, seq); paho acknowledges on queueing, so a server
+crash can lose what is queued (under ``flush_interval_s``). With
+``manual_ack`` (an external, persistent broker configured never to drop
+queued messages) the PUBACK waits for the batch's commit instead. Not for the
+embedded broker: it lives and dies with this process anyway, and amqtt gives
+up on a delivery whose PUBACK takes over 5 s.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -20,8 +29,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.errors import ProtocolError
 from agent.protocol import topics
 from server.config import MqttEndpoint
-from server.db import Database
+from server.db import Database, utcnow
 from server.errors import ServerError
+from server.rollups import IngestClosedError, IngestMessage, RollupWriter
 from server.store import store_telemetry
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,7 @@ class IngestError(ServerError):
 class IngestStats:
     stored: int
     rejected: int
+    duplicates: int = 0
 
 
 def decode_payload(channel: str, payload: bytes, max_bytes: int) -> dict[str, Any]:
@@ -80,7 +91,7 @@ def discard_session(endpoint: MqttEndpoint, client_id: str, timeout: float = 10.
     if endpoint.username is not None:
         client.username_pw_set(endpoint.username, endpoint.password)
     if endpoint.tls:
-        client.tls_set()
+        client.tls_set(ca_certs=endpoint.ca_file)
     client.on_connect = lambda *_args: done.set()
     try:
         client.connect(endpoint.host, endpoint.port)
@@ -105,8 +116,15 @@ class TelemetryIngest:
         client_id: str,
         max_payload_bytes: int,
         keepalive_s: int = 30,
+        *,
+        sink: RollupWriter | None = None,
+        on_subscribed: Callable[[], None] | None = None,
+        manual_ack: bool = False,
     ) -> None:
         self._db = db
+        self._sink = sink
+        self._on_subscribed = on_subscribed
+        self._generation = 0  # bumped per connection: an ack never crosses a reconnect
         self._endpoint = endpoint
         self._max_payload = max_payload_bytes
         self._keepalive = keepalive_s
@@ -123,17 +141,23 @@ class TelemetryIngest:
         if endpoint.username is not None:
             client.username_pw_set(endpoint.username, endpoint.password)
         if endpoint.tls:
-            client.tls_set()
+            client.tls_set(ca_certs=endpoint.ca_file)
+        client.manual_ack_set(sink is not None and manual_ack)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._client = client
 
     @property
     def stats(self) -> IngestStats:
         with self._lock:
-            return IngestStats(self._stored, self._rejected)
+            stored, rejected = self._stored, self._rejected
+        if self._sink is None:
+            return IngestStats(stored, rejected)
+        written = self._sink.stats
+        return IngestStats(written.stored, rejected + written.rejected, written.duplicates)
 
     @property
     def connected(self) -> bool:
@@ -173,7 +197,19 @@ class TelemetryIngest:
             log.error("MQTT broker refused the ingest client: %s", reason)
             return
         # Subscribe on every connect: an embedded broker restart loses sessions.
+        with self._lock:
+            self._generation += 1
         client.subscribe(SUBSCRIPTION, qos=topics.QOS)
+
+    def _on_subscribe(
+        self, _client: paho.Client, _userdata: Any, _mid: int, reasons: Any, _props: Any
+    ) -> None:
+        if any(r.is_failure for r in reasons):
+            log.error("MQTT broker refused the ingest subscription: %s", reasons)
+            return
+        if self._on_subscribed is not None:
+            self._on_subscribed()
+        # "Connected" means subscribed: only now is a device's message sure to reach us.
         self._connected.set()
         log.info("ingest subscribed to %s", SUBSCRIPTION)
 
@@ -183,7 +219,36 @@ class TelemetryIngest:
         self._connected.clear()
         log.info("ingest disconnected from MQTT broker: %s", reason)
 
+    def _ack(self, generation: int, mid: int, qos: int) -> None:
+        with self._lock:
+            current = generation == self._generation
+        if current:
+            self._client.ack(mid, qos)
+
+    def _queue_message(self, message: paho.MQTTMessage) -> None:
+        ack = partial(self._ack, self._generation, message.mid, message.qos)
+        try:
+            device_id, channel = topics.parse(message.topic)
+            if channel not in _STORED_CHANNELS:
+                ack()
+                return
+            payload = decode_payload(channel, bytes(message.payload), self._max_payload)
+        except ProtocolError as err:
+            with self._lock:
+                self._rejected += 1
+            log.warning("dropped MQTT message on %r: %s", message.topic[:200], err)
+            ack()
+            return
+        assert self._sink is not None
+        try:
+            self._sink.submit(IngestMessage(device_id, channel, payload, utcnow(), ack))
+        except IngestClosedError:
+            log.info("server stopping; %r left to the broker's redelivery", message.topic[:200])
+
     def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        if self._sink is not None:
+            self._queue_message(message)
+            return
         try:
             device_id, channel = topics.parse(message.topic)
             if channel not in _STORED_CHANNELS:

@@ -44,6 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mqtt-port", type=int, default=0, help="embedded broker port (0 = free)")
     run.add_argument("--mqtt-public-host", help="MQTT host handed to devices")
     run.add_argument("--mqtt-public-port", type=int, help="MQTT port handed to devices")
+    run.add_argument("--mqtt-tls-cert", type=Path, help="embedded broker: TLS certificate (PEM)")
+    run.add_argument("--mqtt-tls-key", type=Path, help="embedded broker: TLS private key (PEM)")
+    run.add_argument("--mqtt-ca-file", type=Path, help="CA bundle to verify an mqtts:// broker")
+    run.add_argument(
+        "--metrics-token-file",
+        type=Path,
+        help="read-only bearer token for GET /metrics (also $EDGEFLEET_METRICS_TOKEN)",
+    )
+    run.add_argument(
+        "--ingest-ack-after-commit",
+        action="store_true",
+        help="external broker: acknowledge telemetry only once stored (Mosquitto needs "
+        "max_queued_messages 0, or it drops what waits)",
+    )
+    run.add_argument(
+        "--telemetry-retention-days",
+        type=float,
+        default=30.0,
+        help="keep telemetry rollups this long (default 30)",
+    )
     run.add_argument(
         "--operator-token",
         help=f"operator bearer token (default: ${OPERATOR_TOKEN_ENV} "
@@ -83,6 +103,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ConfigError(f"{args.operator_token_file} is empty")
     if os.environ.get(ENROLLMENT_TOKEN_ENV):
         tokens.append(os.environ[ENROLLMENT_TOKEN_ENV])
+    metrics_token = None
+    if args.metrics_token_file is not None:
+        try:
+            metrics_token = args.metrics_token_file.read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"cannot read {args.metrics_token_file}: {err}") from err
+        if not metrics_token:
+            raise ConfigError(f"{args.metrics_token_file} is empty")
     return ServerConfig(
         data_dir=args.data,
         host=args.host,
@@ -99,6 +127,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ingest_client_id=args.ingest_client_id,
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
         log_level=args.log_level,
+        mqtt_tls_cert_file=args.mqtt_tls_cert,
+        mqtt_tls_key_file=args.mqtt_tls_key,
+        mqtt_ca_file=args.mqtt_ca_file,
+        metrics_token=metrics_token,
+        telemetry_retention_days=args.telemetry_retention_days,
+        ingest_ack_after_commit=args.ingest_ack_after_commit,
     )
 
 

@@ -5,19 +5,21 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import bandwidth, devices, operator, tuf
+from server.api import bandwidth, devices, mqtt_export, operator, rollouts, telemetry, tuf
 from server.api.deps import AppState
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
+from server.metrics import FleetMetrics
 
 __all__ = ["AppState", "create_app"]
 
 
-def create_app(state: AppState) -> FastAPI:
+def create_app(state: AppState, metrics: FleetMetrics | None = None) -> FastAPI:
     """Build the ASGI app around one server's state.
 
     JSON bodies are capped at ``max_json_bytes``; only the model upload route
-    gets the larger ``max_upload_bytes``.
+    gets the larger ``max_upload_bytes``. ``metrics`` adds this process's
+    ingest counters to ``/metrics`` (fleet gauges come from the database).
     """
     app = FastAPI(
         title="EdgeFleet fleet server",
@@ -30,12 +32,17 @@ def create_app(state: AppState) -> FastAPI:
         limits={("POST", "/api/v1/models"): state.config.max_upload_bytes},
     )
     app.state.edgefleet = state
+    app.state.edgefleet_metrics = metrics or FleetMetrics(state.db, state.config)
     install_error_handlers(app)
     app.include_router(devices.router)
     app.include_router(operator.router)
     app.include_router(operator.upload_router)
     app.include_router(tuf.router)
+    app.include_router(telemetry.router)
+    app.include_router(telemetry.metrics_router)
+    app.include_router(mqtt_export.router)
     app.include_router(bandwidth.router)
+    app.include_router(rollouts.router)
 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:
