@@ -11,6 +11,7 @@ import contextlib
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -64,6 +65,36 @@ def pg_url() -> Iterator[str]:
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
+_purged: set[str] = set()
+
+
+def purge_retained_state(host: str, port: int, settle_s: float = 1.0) -> int:
+    """Clear retained device ``state`` messages left on a shared broker by earlier runs.
+
+    Every test device leaves a retained online/offline message; thousands of them
+    arrive at once when an ingest subscribes and overflow Mosquitto's per-client
+    queue, so a shared broker is cleaned once per session before it is used.
+    """
+    import paho.mqtt.client as paho  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+
+    retained: set[str] = set()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"purge-{secrets.token_hex(4)}")
+    client.on_message = lambda _c, _u, msg: retained.add(msg.topic) if msg.retain else None
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        client.subscribe("edgefleet/v1/devices/+/state", qos=1)
+        time.sleep(settle_s)
+        infos = [client.publish(topic, b"", qos=1, retain=True) for topic in sorted(retained)]
+        for info in infos:
+            info.wait_for_publish(timeout=10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return len(retained)
+
+
 @pytest.fixture
 def mosquitto_url() -> str:
     """The URL of an external MQTT broker (Mosquitto) that allows anonymous clients."""
@@ -75,6 +106,12 @@ def mosquitto_url() -> str:
         socket.create_connection((endpoint.host, endpoint.port), timeout=3).close()
     except OSError as err:
         service_unavailable(f"MQTT broker at {endpoint.host}:{endpoint.port}", err)
+    if url not in _purged:
+        _purged.add(url)
+        # The broker hands a new subscriber at most its queue limit at once: repeat.
+        for _ in range(50):
+            if purge_retained_state(endpoint.host, endpoint.port) < 500:
+                break
     return url
 
 
