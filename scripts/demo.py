@@ -19,10 +19,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +39,27 @@ DEVICES = [("rpi4", "store-001"), ("jetson-orin-nano", "store-002"), ("x86-gatew
 MODEL = "digits"
 
 
+def _rapl_counter(path: Path, stop: threading.Event) -> None:
+    """Stands in for the CPU's RAPL energy counter: 12 W idle plus 30 W x load."""
+    energy = int(path.read_text())
+    last = time.monotonic()
+    while not stop.wait(0.25):
+        now = time.monotonic()
+        watts = 12.0 + 30.0 * psutil.cpu_percent(None) / 100.0
+        energy += int(watts * (now - last) * 1e6)
+        last = now
+        tmp = path.with_name(".energy_uj.tmp")
+        tmp.write_text(f"{energy}\n")
+        tmp.replace(path)
+
+
 class Demo:
     def __init__(self, work: Path, quiet: bool) -> None:
         self.work = work
         self.quiet = quiet
         self.server: ServerHandle | None = None
         self.agents: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        self.stop_event = threading.Event()
 
     def log(self, text: str) -> None:
         print(f"[demo] {text}", flush=True)
@@ -109,7 +126,9 @@ class Demo:
             "soak": "4s",
             "timeout": "2m",
             "max_failure": "0",
-            "max_latency_regression": "100%",
+            # The demo model invokes in ~60 us, so its p95 measures scheduler noise on a
+            # shared box; real fleets keep this gate (default 10%).
+            "max_latency_regression": "off",
             "max_power_regression": "50%",
             "min_golden_accuracy": "0.95",
             "min_sample": 1,
@@ -119,7 +138,7 @@ class Demo:
         rid = rollout["id"]
         self.log(
             f"rollout {rid}: {MODEL}@{release} to fleet=demo in stages 33%,67%,100% "
-            "(soak 4s; gates: install failures, p95 latency, power, golden-set accuracy >= 0.95)"
+            "(soak 4s; gates: install failures, power, golden-set accuracy >= 0.95)"
         )
         seen: set[tuple[Any, ...]] = set()
         deadline = time.monotonic() + timeout_s
@@ -151,6 +170,18 @@ class Demo:
             flush=True,
         )
 
+    def board(self, profile: str) -> Path:
+        """A writable copy of the profile's fake board tree (sysfs, device tree)."""
+        root = self.work / "boards" / profile
+        if not root.exists():
+            shutil.copytree(BOARDS / profile, root)
+        if profile == "x86-gateway":
+            rapl = root / "sys/class/powercap/intel-rapl:0/energy_uj"
+            threading.Thread(
+                target=_rapl_counter, args=(rapl, self.stop_event), daemon=True
+            ).start()
+        return root
+
     def enroll_agents(self) -> None:
         assert self.server is not None
         token = self.api("POST", "/api/v1/enrollment-tokens")["token"]
@@ -161,7 +192,7 @@ class Demo:
             config.write_text(
                 "[agent]\n"
                 f'state_dir = "{state}"\n'
-                f'hw_root = "{BOARDS / profile}"\n'
+                f'hw_root = "{self.board(profile)}"\n'
                 "[inference]\nnum_threads = 1\nmax_fps = 30\n"
                 "[telemetry]\nwindow_s = 2\n"
                 "[update]\npoll_interval_s = 2\n"
@@ -233,6 +264,9 @@ class Demo:
             latest = (detail.get("telemetry") or {}).get("telemetry") or {}
             telemetry = latest.get("payload") or {}
             invoke = telemetry.get("invoke_ms") or {}
+            power = telemetry.get("power") or {}
+            thermal = telemetry.get("thermal") or {}
+            mj = power.get("mj_per_inference")
             rows.append(
                 {
                     "device": device["id"],
@@ -241,6 +275,9 @@ class Demo:
                     "p50": invoke.get("p50"),
                     "p99": invoke.get("p99"),
                     "fps": telemetry.get("fps"),
+                    "power": f"{power['mw']:.0f} {power.get('source')}" if power.get("mw") else "-",
+                    "mj": f"{mj:.1f}" if isinstance(mj, (int, float)) else "-",
+                    "temp": f"{thermal['max_c']:.1f}" if thermal.get("max_c") else "-",
                 }
             )
         return rows
@@ -248,18 +285,19 @@ class Demo:
     def table(self, rows: list[dict[str, Any]]) -> None:
         assert self.server is not None
         head = (
-            f"{'device':<26} {'profile':<18} {'release':>7} "
-            f"{'invoke p50 ms':>13} {'p99 ms':>8} {'fps':>7}"
+            f"{'device':<22} {'profile':<17} {'release':>7} {'invoke p50 ms':>13} {'p99 ms':>7} "
+            f"{'fps':>6} {'power mW (source)':>18} {'mJ/inf':>7} {'temp C':>6}"
         )
         print("\n" + head + "\n" + "-" * len(head))
         for r in rows:
             print(
-                f"{r['device']:<26} {r['profile']:<18} {r['release']!s:>7} {r['p50']!s:>13} "
-                f"{r['p99']!s:>8} {r['fps']!s:>7}"
+                f"{r['device']:<22} {r['profile']:<17} {r['release']!s:>7} {r['p50']!s:>13} "
+                f"{r['p99']!s:>7} {r['fps']!s:>6} {r['power']:>18} {r['mj']:>7} {r['temp']!s:>6}"
             )
         print(f"\nAPI: {self.server.url}/api/v1  (docs {self.server.url}/docs)\n", flush=True)
 
     def stop(self) -> None:
+        self.stop_event.set()
         for _, proc, _ in self.agents:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
