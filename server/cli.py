@@ -26,7 +26,12 @@ SERVER_ENV = "EDGEFLEET_SERVER"
 TOKEN_ENV = "EDGEFLEET_TOKEN"  # noqa: S105 - a variable name, not a secret
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 #: Further modules whose ``add_commands(subparsers)`` adds subcommands (delta, bandwidth, ...).
-COMMAND_MODULES: list[str] = ["server.cli_bandwidth"]
+COMMAND_MODULES: list[str] = [
+    "server.cli_bandwidth",
+    "server.cli_delta",
+    "server.cli_mqtt",
+    "server.cli_rollout",
+]
 _MAX_ERROR_CHARS = 300
 
 Handler = Callable[[argparse.Namespace], None]
