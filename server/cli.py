@@ -31,6 +31,7 @@ COMMAND_MODULES: list[str] = [
     "server.cli_delta",
     "server.cli_mqtt",
     "server.cli_rollout",
+    "server.cli_simulate",
 ]
 _MAX_ERROR_CHARS = 300
 

@@ -1,0 +1,112 @@
+"""The device REST API over one shared async HTTP connection pool.
+
+The same paths and bodies as ``agent.client.DeviceClient`` (the paths and
+the check-in body come from ``agent.protocol.api``) and the same strict
+parsing of answers, but asynchronous, so thousands of devices share a few
+dozen keep-alive connections (``http_pool``). At most ``connections``
+requests are in flight; a request's latency is measured from the moment it
+has a connection slot, so the figure is the server's answer time, not the
+simulator's own queueing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agent import __version__ as AGENT_VERSION  # noqa: N812
+from agent.errors import ProtocolError, ServerRequestError
+from agent.protocol import api
+from server.simulator.http_pool import HttpPool, HttpPoolError, PoolLimits
+from server.simulator.stats import FleetStats
+
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # as agent.client
+_MAX_ERROR_CHARS = 200
+
+
+class DeviceHttp:
+    def __init__(
+        self, base_url: str, connections: int, timeout_s: float, stats: FleetStats
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.stats = stats
+        self._pool = HttpPool(
+            self.base_url,
+            PoolLimits(connections=connections, timeout_s=timeout_s, max_body=MAX_RESPONSE_BYTES),
+            f"edgefleet-sim/{AGENT_VERSION}",
+        )
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _post(
+        self, path: str, body: dict[str, Any], token: str | None, what: str
+    ) -> tuple[Any, float]:
+        """(parsed JSON answer, seconds it took); ServerRequestError or ProtocolError.
+
+        Everything but a routine check-in is urgent: it is part of an enrollment or an
+        update in progress, which a real device would not hold back (see ``http_pool``).
+        """
+        try:
+            status, raw, took = await self._pool.post(
+                path, json.dumps(body).encode(), token, urgent=what != "checkin"
+            )
+        except HttpPoolError as err:
+            self.stats.error(f"{what}: {'timeout' if 'timed out' in str(err) else 'connection'}")
+            raise ServerRequestError(f"{path}: {err}") from err
+        except ProtocolError:
+            self.stats.error(f"{what}: malformed HTTP")
+            raise
+        if status >= 400:
+            self.stats.error(f"{what}: HTTP {status}")
+            text = raw[:_MAX_ERROR_CHARS].decode("utf-8", "replace")
+            raise ServerRequestError(f"{path} answered {status}: {text}", status)
+        try:
+            return json.loads(raw), took
+        except ValueError as err:
+            self.stats.error(f"{what}: not JSON")
+            raise ProtocolError(f"reply from {path} is not JSON") from err
+
+    async def enroll(
+        self,
+        token: str,
+        hardware_id: str,
+        profile: str,
+        variants: tuple[str, ...],
+        tags: dict[str, str],
+    ) -> api.EnrollResponse:
+        body = {
+            "token": token,
+            "hardware_id": hardware_id,
+            "profile": profile,
+            "variant_preference": list(variants),
+            "tags": tags,
+            "agent_version": AGENT_VERSION,
+        }
+        data, _ = await self._post(api.ENROLL_PATH, body, None, "enroll")
+        try:
+            return api.EnrollResponse.from_json(data)
+        except ProtocolError:
+            self.stats.error("enroll: malformed reply")
+            raise
+
+    async def checkin(
+        self, device_id: str, token: str, state: str, installed: api.InstalledModel | None
+    ) -> api.CheckinResponse:
+        body = api.checkin_body(state, installed, AGENT_VERSION)
+        path = api.CHECKIN_PATH.format(device_id=device_id)
+        data, took = await self._post(path, body, token, "checkin")
+        try:
+            reply = api.CheckinResponse.from_json(data)
+        except ProtocolError:
+            self.stats.error("checkin: malformed reply")
+            raise
+        self.stats.checkin(took)
+        return reply
+
+    async def event(
+        self, device_id: str, token: str, kind: str, state: str, detail: dict[str, Any]
+    ) -> None:
+        body = {"type": kind, "state": state, "detail": detail}
+        await self._post(api.EVENTS_PATH.format(device_id=device_id), body, token, "event")
+        self.stats.events += 1

@@ -1,0 +1,116 @@
+"""Counters of a simulator run: requests, latencies, errors, updates, telemetry.
+
+Single-threaded by design: every counter is touched only from the
+simulator's asyncio loop; ``report`` makes a plain-data snapshot that other
+threads may read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from agent.histogram import LatencyHistogram
+
+_NS = 1e9
+_MAX_ERROR_KINDS = 50
+
+
+@dataclass(frozen=True)
+class Report:
+    elapsed_s: float
+    enrolled: int
+    checkins: int
+    checkins_per_s: float
+    checkin_p50_ms: float | None
+    checkin_p99_ms: float | None
+    checkin_max_ms: float | None
+    events: int
+    errors: int
+    error_kinds: dict[str, int]
+    updates_started: int
+    committed: int
+    failed: int
+    rolled_back: int
+    silent: int
+    windows: int
+    mqtt_dropped: int
+    mqtt_linked: int
+    releases: dict[str, int]  # "name@release" -> devices running it
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        p99 = "-" if self.checkin_p99_ms is None else f"{self.checkin_p99_ms:.1f}"
+        running = ", ".join(f"{k}: {v}" for k, v in sorted(self.releases.items())) or "none"
+        return (
+            f"{self.enrolled} devices, {self.checkins} check-ins "
+            f"({self.checkins_per_s:.1f}/s, p99 {p99} ms), {self.events} events, "
+            f"{self.errors} errors; updates {self.committed} committed, {self.failed} failed, "
+            f"{self.rolled_back} rolled back, {self.silent} silent; {self.windows} telemetry "
+            f"windows; running {running}"
+        )
+
+
+class FleetStats:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.checkin_latency = LatencyHistogram()
+        self.checkins = 0
+        self.events = 0
+        self.enrolled = 0
+        self.errors: Counter[str] = Counter()
+        self.updates_started = 0
+        self.committed = 0
+        self.failed = 0
+        self.rolled_back = 0
+        self.silent = 0
+        self.windows = 0
+
+    def reset_checkins(self) -> None:
+        """Start a fresh measurement period for check-in rate and latency."""
+        self.started = time.monotonic()
+        self.checkin_latency = LatencyHistogram()
+        self.checkins = 0
+
+    def checkin(self, seconds: float) -> None:
+        self.checkins += 1
+        self.checkin_latency.record(seconds * _NS)
+
+    def error(self, kind: str) -> None:
+        if kind in self.errors or len(self.errors) < _MAX_ERROR_KINDS:
+            self.errors[kind] += 1
+        else:
+            self.errors["other"] += 1
+
+    def report(self, releases: dict[str, int], mqtt_dropped: int, linked: int) -> Report:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        hist = self.checkin_latency
+
+        def ms(ns: float | None) -> float | None:
+            return None if ns is None else round(ns / 1e6, 3)
+
+        return Report(
+            elapsed_s=round(elapsed, 3),
+            enrolled=self.enrolled,
+            checkins=self.checkins,
+            checkins_per_s=round(self.checkins / elapsed, 1),
+            checkin_p50_ms=ms(hist.p50),
+            checkin_p99_ms=ms(hist.p99),
+            checkin_max_ms=ms(hist.max),
+            events=self.events,
+            errors=sum(self.errors.values()),
+            error_kinds=dict(self.errors),
+            updates_started=self.updates_started,
+            committed=self.committed,
+            failed=self.failed,
+            rolled_back=self.rolled_back,
+            silent=self.silent,
+            windows=self.windows,
+            mqtt_dropped=mqtt_dropped,
+            mqtt_linked=linked,
+            releases=releases,
+        )
