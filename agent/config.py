@@ -54,6 +54,8 @@ class AgentConfig:
     profiles_dir: str = ""
     hw_root: str = "/"
     log_level: str = "info"
+    # CA bundle that signs the broker's certificate, when the server hands out mqtts.
+    mqtt_ca_file: str = ""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
@@ -98,6 +100,8 @@ def _build(cls: type, table: Any, where: str) -> Any:
 def _check(cfg: AgentConfig, where: str) -> None:
     if cfg.log_level not in _LOG_LEVELS:
         raise ConfigError(f"{where}: log_level must be one of {', '.join(_LOG_LEVELS)}")
+    if cfg.mqtt_ca_file and not Path(cfg.mqtt_ca_file).is_file():
+        raise ConfigError(f"{where}: mqtt_ca_file {cfg.mqtt_ca_file} is not a readable file")
     if cfg.server and not cfg.server.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: server must be an http(s) URL")
     positives = {
@@ -150,7 +154,7 @@ def load_config(path: Path) -> AgentConfig:
 def render_config(cfg: AgentConfig) -> str:
     """A minimal TOML for ``cfg`` (written by ``enroll`` and the demo)."""
     lines = ["[agent]", f"state_dir = {json.dumps(str(cfg.state_dir))}"]
-    for key in ("server", "profile", "profiles_dir", "hw_root", "log_level"):
+    for key in ("server", "profile", "profiles_dir", "hw_root", "log_level", "mqtt_ca_file"):
         lines.append(f"{key} = {json.dumps(getattr(cfg, key))}")
     for name in _SECTIONS:
         section = getattr(cfg, name)

@@ -74,7 +74,14 @@ class Agent:
         mq = self.identity.mqtt
         self.publisher = Publisher(
             self.identity.device_id,
-            MqttSettings(mq.host, mq.port, mq.username, mq.password, mq.tls),
+            MqttSettings(
+                mq.host,
+                mq.port,
+                mq.username,
+                mq.password,
+                mq.tls,
+                ca_file=cfg.mqtt_ca_file or None,
+            ),
             self.outbox,
         )
         self.sampler = make_sampler(self.profile, cfg.hw_root, window_s=cfg.telemetry.window_s)

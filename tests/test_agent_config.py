@@ -45,6 +45,7 @@ def test_render_round_trips(tmp_path: Path) -> None:
         ('[agent]\nstate_dir = "s"\nlog_level = "loud"\n', "log_level"),
         ("[agent\n", "not valid TOML"),
         ('[agent]\nstate_dir = "s"\n[inference]\nnum_threads = true\n', "num_threads must be int"),
+        ('[agent]\nstate_dir = "s"\nmqtt_ca_file = "/nonexistent/ca.pem"\n', "mqtt_ca_file"),
     ],
 )
 def test_bad_config_is_refused_with_the_key_named(tmp_path: Path, text: str, message: str) -> None:
