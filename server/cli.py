@@ -9,6 +9,7 @@ being listed in ``COMMAND_MODULES``; they use ``command_parser`` (which adds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -160,23 +161,36 @@ def _model_publish(args: argparse.Namespace) -> None:
         "release": str(args.version),
         "variant": args.variant,
     }
+    if (args.golden_set is None) != (args.min_accuracy is None):
+        raise CliError("--golden-set and --min-accuracy go together")
     try:
         if args.fp32 is not None:
             data["fp32_length"] = str(Path(args.fp32).stat().st_size)
-        with open(model, "rb") as model_file, open(labels, "rb") as labels_file:
-            files = {
-                "file": (model.name, model_file, "application/octet-stream"),
-                "labels_file": (labels.name, labels_file, "text/plain"),
+        with contextlib.ExitStack() as stack:
+            files: dict[str, Any] = {
+                "file": (model.name, stack.enter_context(open(model, "rb"))),
+                "labels_file": (labels.name, stack.enter_context(open(labels, "rb"))),
             }
+            if args.golden_set is not None:
+                golden = Path(args.golden_set)
+                files["golden_set"] = (golden.name, stack.enter_context(open(golden, "rb")))
+                data["min_accuracy"] = str(args.min_accuracy)
             out = api_from(args).request("POST", "/api/v1/models", data=data, files=files)
     except OSError as err:
         raise CliError(f"cannot read {err.filename}: {err.strerror}") from err
-    emit(
-        args,
-        out,
-        f"published {out['name']}@{out['release']} {out['variant']} "
-        f"({out['length']} bytes, sha256 {out['sha256'][:12]}) as {out['target_path']}",
-    )
+
+    def text() -> str:
+        lines = [
+            f"published {out['name']}@{out['release']} {out['variant']} "
+            f"({out['length']} bytes, sha256 {out['sha256'][:12]}) as {out['target_path']}"
+        ]
+        lines += [
+            f"  delta from release {d['base_release']}: {d['length']} bytes ({d['method']})"
+            for d in out.get("deltas", [])
+        ]
+        return "\n".join(lines)
+
+    emit(args, out, text)
 
 
 _MODEL_COLUMNS = [
@@ -290,6 +304,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--variant", default="int8-cpu")
     p.add_argument("--labels", type=Path, required=True, help="labels file, one per line")
     p.add_argument("--fp32", type=Path, help="the FP32 original, to report the size saving")
+    p.add_argument("--golden-set", type=Path, help="labelled .npz (x, y) scored on every device")
+    p.add_argument(
+        "--min-accuracy", type=float, help="golden-set accuracy below which devices roll back"
+    )
     p = command_parser(model, "list", "list published models", _model_list)
     p.add_argument("--name")
 
