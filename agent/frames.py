@@ -11,6 +11,7 @@ Frames are returned read-only because cached frames are shared between cycles.
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ def frame_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     return dims[0], dims[1], dims[2]
 
 
-class FrameSource:
+class FrameSource(abc.ABC):
     """An endless iterator of float32 HxWxC frames."""
 
     description = "frames"
@@ -62,8 +63,8 @@ class FrameSource:
     def __iter__(self) -> Iterator[Frame]:
         return self
 
-    def __next__(self) -> Frame:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __next__(self) -> Frame: ...
 
 
 class SyntheticSource(FrameSource):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-import pytest
+from conftest import service_unavailable
 from paho.mqtt.enums import CallbackAPIVersion
 
 from server.cli import main as cli_main
@@ -49,7 +49,7 @@ class Mosquitto:
 
     def __init__(self, workdir: Path, tls: TlsFiles | None = None) -> None:
         if shutil.which(MOSQUITTO) is None:
-            pytest.skip(f"{MOSQUITTO} is not installed")
+            service_unavailable(MOSQUITTO, "not installed")
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
