@@ -22,8 +22,8 @@
 
 Loopback only; bounded by ``--max-minutes``. The last line is exactly
 ``devices=N checkins_per_s=X p99_ms=Y errors=E tick_ms=T``: check-ins per second
-and their p99 over the rollout, every error the simulated devices met, and the
-mean time of one engine tick.
+and their p99 over the rollout, every error the simulated devices met (plus one
+if the rollout did not complete within the run), and the mean engine tick.
 """
 
 from __future__ import annotations
@@ -138,7 +138,10 @@ def server_process(bench: Bench, db_url: str, data: Path) -> Iterator[dict[str, 
         cmd += ["--mqtt-url", bench.mqtt_url]
     env = {**os.environ, "EDGEFLEET_ROLLOUT_TICK_S": str(bench.tick_s)}
     log = open(data / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Its own session: a Ctrl-C meant for the benchmark must not stop the server under it.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -216,6 +219,7 @@ def profile_one_tick(db: Database, rollout_id: str, cfg: ServiceConfig) -> str:
 def tick_probe(db_url: str, rollout_id: str, every_s: float, conn: Connection) -> None:
     """In its own process (no GIL shared with the simulator): time ``engine.tick`` on the
     rollout every ``every_s`` as a second replica would, until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     db = Database(db_url)
     cfg = ServiceConfig()
     durations: list[float] = []
@@ -280,6 +284,33 @@ def run(bench: Bench, work: Path) -> str:
             db.dispose()
 
 
+def watch(bench: Bench, fleet: FleetThread, op: requests.Session, url: str) -> tuple[str, int]:
+    """Print each change of the rollout until it stops running, the time is up or Ctrl-C."""
+    end = time.monotonic() + bench.max_minutes * 60
+    state, stage, last_line = "running", 1, ""
+    try:
+        while time.monotonic() < end:
+            detail = op.get(url, timeout=120).json()
+            state, stage = detail["state"], detail["stage"]
+            waiting = "; ".join(detail.get("waiting") or [])
+            line = f"stage {stage}/4 {state}: {detail['reason'][:120]}" + (
+                f" [waiting: {waiting[:160]}]" if waiting else ""
+            )
+            if line != last_line:
+                report = fleet.report()
+                say(
+                    f"[{report.elapsed_s:7.1f} s] {line} | {report.checkins_per_s:.0f} "
+                    f"check-ins/s, p99 {report.checkin_p99_ms} ms, {report.errors} errors"
+                )
+                last_line = line
+            if state not in ("running", "awaiting_approval"):
+                break
+            time.sleep(bench.status_every_s)
+    except KeyboardInterrupt:  # Ctrl-C: stop here and still report what was measured
+        say("interrupted")
+    return state, stage
+
+
 def drive(bench: Bench, fleet: FleetThread, srv: dict[str, Any]) -> str:
     op = requests.Session()
     op.headers["Authorization"] = f"Bearer {srv['token']}"
@@ -307,25 +338,7 @@ def drive(bench: Bench, fleet: FleetThread, srv: dict[str, Any]) -> str:
         target=tick_probe, args=(srv["db_url"], rollout_id, bench.tick_probe_s, there), daemon=True
     )
     probe.start()
-    state, last_line = "running", ""
-    end = time.monotonic() + bench.max_minutes * 60
-    while time.monotonic() < end:
-        detail = op.get(f"{srv['url']}/api/v1/rollouts/{rollout_id}", timeout=120).json()
-        state = detail["state"]
-        waiting = "; ".join(detail.get("waiting") or [])
-        line = f"stage {detail['stage']}/4 {state}: {detail['reason'][:120]}" + (
-            f" [waiting: {waiting[:160]}]" if waiting else ""
-        )
-        if line != last_line:
-            report = fleet.report()
-            say(
-                f"[{report.elapsed_s:7.1f} s] {line} | {report.checkins_per_s:.0f} "
-                f"check-ins/s, p99 {report.checkin_p99_ms} ms, {report.errors} errors"
-            )
-            last_line = line
-        if state not in ("running", "awaiting_approval"):
-            break
-        time.sleep(bench.status_every_s)
+    state, stage = watch(bench, fleet, op, f"{srv['url']}/api/v1/rollouts/{rollout_id}")
     here.send("stop")
     ticks, profile = here.recv() if here.poll(120) else ([], "")
     probe.join(30)
@@ -343,7 +356,7 @@ def drive(bench: Bench, fleet: FleetThread, srv: dict[str, Any]) -> str:
     if profile:
         say("one engine tick under cProfile (cumulative):\n" + profile)
     if state != "completed":
-        say(f"the rollout did not complete: it is {state}")
+        say(f"the rollout did not complete within the run: it is {state} in stage {stage}/4")
     tick_ms = 1000 * statistics.mean(ticks) if ticks else float("nan")
     errors = report.errors + (0 if state == "completed" else 1)
     return (
@@ -357,39 +370,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", type=int, default=65_000)
     p.add_argument("--db-url", default="postgresql://postgres@127.0.0.1:5432/test")
-    p.add_argument(
-        "--mqtt-url",
-        default="mqtt://127.0.0.1:1883",
-        help="external broker for the server and devices (default Mosquitto)",
-    )
+    p.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="external broker")
     p.add_argument("--embedded-broker", action="store_true", help="use the server's own broker")
-    p.add_argument(
-        "--mqtt-devices",
-        type=int,
-        default=300,
-        help="devices with their own MQTT link: telemetry for the gates",
-    )
+    p.add_argument("--mqtt-devices", type=int, default=300, help="MQTT-linked sample (gates)")
     p.add_argument("--poll", type=float, default=60.0, help="check-in interval the server sets")
     p.add_argument("--tick", type=float, default=1.0, help="rollout scheduler interval (s)")
     p.add_argument("--soak", default="5s", help="per-stage soak, compressed")
     p.add_argument("--window", type=float, default=10.0, help="telemetry window (s)")
     p.add_argument("--connections", type=int, default=32, help="simulator HTTP connections")
-    p.add_argument("--max-minutes", type=float, default=40.0, help="stop the rollout after this")
+    p.add_argument("--max-minutes", type=float, default=90.0, help="stop the rollout after this")
     args = p.parse_args(argv)
     if not 1 <= args.devices <= 100_000:
         p.error("--devices must be within 1..100000")
     bench = Bench(
-        devices=args.devices,
-        db_url=args.db_url,
+        devices=args.devices, db_url=args.db_url,
         mqtt_url=None if args.embedded_broker else args.mqtt_url,
-        mqtt_devices=min(args.mqtt_devices, args.devices),
-        poll_s=args.poll,
-        tick_s=args.tick,
-        soak=args.soak,
-        window_s=args.window,
-        connections=args.connections,
+        mqtt_devices=min(args.mqtt_devices, args.devices), poll_s=args.poll, tick_s=args.tick,
+        soak=args.soak, window_s=args.window, connections=args.connections,
         max_minutes=args.max_minutes,
-    )
+    )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         last = run(bench, Path(tmp))
     print(last, flush=True)
