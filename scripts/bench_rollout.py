@@ -14,11 +14,10 @@
    events over HTTP (and MQTT for the linked sample), telemetry windows over MQTT
    for ``--mqtt-devices`` devices spread over the fleet (the gates' sample).
 5. A rollout of release 2 to all of them, stages 1%,10%,50%,100%, soak ``--soak``.
-   While it runs, a probe process times engine ticks: ``engine.tick`` on the same
-   database, as a second server replica would (the engine's row lock makes that
-   safe; a tick skipped because the server holds the lock is not counted), in its
-   own process so it shares no GIL with the simulator. One tick is profiled with
-   cProfile and its top functions printed.
+   The engine tick is timed by the server's own scheduler, which keeps the
+   rollout's device facts in memory between ticks (``rollout_service.snapshot``):
+   the mean over the rollout comes from its ``edgefleet_rollout_tick_seconds`` and
+   ``edgefleet_rollout_ticks`` counters on ``/metrics``, read before and after.
 
 Loopback only; bounded by ``--max-minutes``. The last line is exactly
 ``devices=N checkins_per_s=X p99_ms=Y errors=E tick_ms=T``: check-ins per second
@@ -29,15 +28,10 @@ if the rollout did not complete within the run), and the mean engine tick.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import multiprocessing
 import os
-import pstats
 import secrets
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +39,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +53,6 @@ from agent.protocol.api import DesiredTarget, InstalledModel, MqttCredentials  #
 from agent.protocol.manifest import model_target_path  # noqa: E402
 from server.config import parse_mqtt_url  # noqa: E402
 from server.db import Database  # noqa: E402
-from server.rollout_service import ServiceConfig  # noqa: E402
-from server.rollout_service.engine import tick  # noqa: E402
 from server.simulator import Fleet, FleetThread, SimConfig, WindowSpec, build_behaviour  # noqa: E402
 from server.simulator.provision import provision  # noqa: E402
 
@@ -81,7 +72,6 @@ class Bench:
     window_s: float
     connections: int
     max_minutes: float
-    tick_probe_s: float = 1.0  # how often the probe process times a tick
     status_every_s: float = 5.0
 
 
@@ -202,36 +192,20 @@ def progress(done: int, total: int) -> None:
         say(f"  provisioned {done}/{total}")
 
 
-def profile_one_tick(db: Database, rollout_id: str, cfg: ServiceConfig) -> str:
-    profiler = cProfile.Profile()
-    for _ in range(100):  # until a tick is not skipped for the server's lock
-        profiler.enable()
-        result = tick(db, rollout_id, cfg)
-        profiler.disable()
-        if result is not None:
-            break
-        time.sleep(0.05)
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
-    return text.getvalue()
-
-
-def tick_probe(db_url: str, rollout_id: str, every_s: float, conn: Connection) -> None:
-    """In its own process (no GIL shared with the simulator): time ``engine.tick`` on the
-    rollout every ``every_s`` as a second replica would, until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    db = Database(db_url)
-    cfg = ServiceConfig()
-    durations: list[float] = []
-    profile = ""
-    while not conn.poll(every_s):
-        began = time.perf_counter()
-        if tick(db, rollout_id, cfg) is not None:  # None: the server was ticking it
-            durations.append(time.perf_counter() - began)
-        if len(durations) == 5 and not profile:
-            profile = profile_one_tick(db, rollout_id, cfg)
-    conn.send((durations, profile))
-    db.dispose()
+def tick_counters(url: str, token: str) -> tuple[float, float]:
+    """The server's (ticks, seconds ticking) so far, from ``/metrics``."""
+    text = requests.get(
+        url + "/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=60
+    ).text
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("edgefleet_rollout_ticks_total", "edgefleet_rollout_tick_seconds_total"):
+            found[name] = float(value)
+    return (
+        found.get("edgefleet_rollout_ticks_total", 0.0),
+        found.get("edgefleet_rollout_tick_seconds_total", 0.0),
+    )
 
 
 def load_average() -> str:
@@ -300,7 +274,8 @@ def watch(bench: Bench, fleet: FleetThread, op: requests.Session, url: str) -> t
                 report = fleet.report()
                 say(
                     f"[{report.elapsed_s:7.1f} s] {line} | {report.checkins_per_s:.0f} "
-                    f"check-ins/s, p99 {report.checkin_p99_ms} ms, {report.errors} errors"
+                    f"check-ins/s, p99 {report.checkin_p99_ms} ms, {report.errors} errors, "
+                    f"tick {(detail.get('decision') or {}).get('tick_ms')} ms"
                 )
                 last_line = line
             if state not in ("running", "awaiting_approval"):
@@ -329,35 +304,22 @@ def drive(bench: Bench, fleet: FleetThread, srv: dict[str, Any]) -> str:
               "soak": bench.soak, "timeout": "1h", "start": True,
               "max_concurrent_downloads": min(bench.devices, 100_000)},
     )  # fmt: skip
+    ticks_before, seconds_before = tick_counters(srv["url"], srv["token"])
     resp.raise_for_status()
     rollout_id = resp.json()["id"]
     say(f"rollout {rollout_id}: release 2 to {bench.devices} devices in stages {STAGES}")
-    ctx = multiprocessing.get_context("spawn")
-    here, there = ctx.Pipe()
-    probe = ctx.Process(
-        target=tick_probe, args=(srv["db_url"], rollout_id, bench.tick_probe_s, there), daemon=True
-    )
-    probe.start()
     state, stage = watch(bench, fleet, op, f"{srv['url']}/api/v1/rollouts/{rollout_id}")
-    here.send("stop")
-    ticks, profile = here.recv() if here.poll(120) else ([], "")
-    probe.join(30)
+    ticks_after, seconds_after = tick_counters(srv["url"], srv["token"])
+    ticks = ticks_after - ticks_before
     report = fleet.report()
     say(f"end: {load_average()}")
     say(report.summary())
     if report.error_kinds:
         say(f"errors by kind: {report.error_kinds}")
-    if ticks:
-        ms = [1000 * t for t in ticks]
-        say(
-            f"engine ticks timed by the probe: {len(ms)}, mean {statistics.mean(ms):.1f} ms, "
-            f"median {statistics.median(ms):.1f} ms, max {max(ms):.1f} ms"
-        )
-    if profile:
-        say("one engine tick under cProfile (cumulative):\n" + profile)
+    tick_ms = 1000 * (seconds_after - seconds_before) / ticks if ticks else float("nan")
+    say(f"engine ticks by the server's scheduler: {ticks:.0f}, mean {tick_ms:.1f} ms")
     if state != "completed":
         say(f"the rollout did not complete within the run: it is {state} in stage {stage}/4")
-    tick_ms = 1000 * statistics.mean(ticks) if ticks else float("nan")
     errors = report.errors + (0 if state == "completed" else 1)
     return (
         f"devices={bench.devices} checkins_per_s={report.checkins_per_s:.1f} "

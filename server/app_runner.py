@@ -248,6 +248,7 @@ def start_server(config: ServerConfig) -> ServerHandle:
     handle.scheduler = RolloutScheduler(
         db, cfg.rollout_tick_interval_s, ServiceConfig.from_server(cfg)
     )
+    metrics.add_scheduler(handle.scheduler)
     handle.scheduler.start()
     log.info("fleet server API at %s (MQTT %s:%s)", handle.url, public.host, public.port)
     return handle

@@ -31,6 +31,7 @@ from server import latency_sketch
 from server.config import ServerConfig
 from server.db import Database, Device, TelemetryLatest, TelemetryRollup, utcnow
 from server.ingest import TelemetryIngest
+from server.rollout_scheduler import RolloutScheduler
 from server.rollup_values import RollupValues
 from server.rollups import RollupWriter
 
@@ -254,6 +255,29 @@ class IngestCollector(Collector):
         )
 
 
+class SchedulerCollector(Collector):
+    """How long this process's rollout engine takes per tick (65,000 devices: tens of ms)."""
+
+    def __init__(self, scheduler: RolloutScheduler) -> None:
+        self._scheduler = scheduler
+
+    def collect(self) -> Iterable[Metric]:
+        sched = self._scheduler
+        yield CounterMetricFamily(
+            "edgefleet_rollout_ticks", "Rollout ticks run by this process.", value=sched.ticks
+        )
+        yield CounterMetricFamily(
+            "edgefleet_rollout_tick_seconds",
+            "Time spent in rollout ticks by this process.",
+            value=sched.tick_seconds,
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_rollout_last_round_seconds",
+            "Duration of the scheduler's last round over every active rollout.",
+            value=sched.last_round_s,
+        )
+
+
 class FleetMetrics:
     """The private registry that ``GET /metrics`` renders."""
 
@@ -268,6 +292,9 @@ class FleetMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(FleetCollector(db, config))
         self.registry.register(IngestCollector(writer, ingest))
+
+    def add_scheduler(self, scheduler: RolloutScheduler) -> None:
+        self.registry.register(SchedulerCollector(scheduler))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

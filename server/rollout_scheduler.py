@@ -36,6 +36,8 @@ class RolloutScheduler:
         self.config = config
         self.rounds = 0
         self.last_round_s = 0.0
+        self.ticks = 0  # rollout ticks that ran (not skipped for another replica's lock)
+        self.tick_seconds = 0.0  # time spent in the rounds that ticked something
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -66,6 +68,9 @@ class RolloutScheduler:
         results = tick_all(self.db, self.config, now)
         self.last_round_s = time.perf_counter() - started
         self.rounds += 1
+        if results:
+            self.ticks += len(results)
+            self.tick_seconds += self.last_round_s
         return results
 
     def _loop(self) -> None:

@@ -10,6 +10,7 @@ twice, no stage is advanced twice.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from server.rollout.spec import RolloutSpec
 from server.rollout.states import EngineEvent, InstallStatus
 from server.rollout_service import telemetry
 from server.rollout_service.config import DEFAULT_CONFIG, ServiceConfig
-from server.rollout_service.facts import collect
+from server.rollout_service.facts import collect, note_started
 from server.rollout_service.records import (
     TICKED,
     locked_rollout,
@@ -36,6 +37,7 @@ from server.rollout_service.records import (
     status_of,
     ticked_ids,
 )
+from server.rollout_service.snapshot import CACHE
 from server.rollout_service.tables import Rollout, RolloutDevice
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,9 @@ def start_devices(
     ids: Sequence[str],
     now: datetime,
     cfg: ServiceConfig,
-) -> list[str]:
-    """Tell ``ids`` to install the release (devices already started are skipped)."""
+) -> list[dict[str, Any]]:
+    """Tell ``ids`` to install the release (devices already started are skipped); the
+    rows written, one per device told."""
     started: list[str] = []
     for chunk in _chunks(ids, cfg.in_chunk):
         stmt = (
@@ -133,7 +136,7 @@ def start_devices(
     ]
     for at in range(0, len(assignments), cfg.insert_chunk):
         s.execute(insert(Assignment), assignments[at : at + cfg.insert_chunk])
-    return started
+    return rows
 
 
 def decision_record(
@@ -165,21 +168,26 @@ def tick(
     """One engine step for one rollout; None when another process holds it or it is idle."""
     wall = utcnow()
     now = now or wall
+    began = time.perf_counter()
     with locked_rollout(db, rollout_id, wait=False) as got:
         if got is None:
             return None
         s, row = got
         status = status_of(row)
         if status.state not in TICKED:
+            CACHE.drop(db.url, rollout_id)
             return None
         spec = spec_of(row)
-        facts = collect(s, row, spec, cfg, wall)
+        snap = CACHE.take(db.url, rollout_id, row.version)
+        facts, snap = collect(s, row, spec, cfg, wall, snap=snap)
         decision = decide(RolloutFacts(row.id, spec, status, facts), now, cfg.policy)
-        started = (
+        rows = (
             start_devices(s, row, spec=spec, ids=decision.start, now=now, cfg=cfg)
             if decision.start
             else []
         )
+        note_started(snap, rows, now)
+        started = [str(r["device_id"]) for r in rows]
         changed = decision.status != status
         if changed:
             trigger = _TRIGGERS.get(decision.kind)
@@ -196,8 +204,14 @@ def tick(
             log.info("rollout %s: %s", row.id, decision.reason)
         stage_of = {f.device_id: f.stage for f in facts} if started else {}
         per_stage = Counter(stage_of[d] for d in started)
-        row.last_decision = decision_record(decision, per_stage, now, cfg)
+        record = decision_record(decision, per_stage, now, cfg)
+        record["tick_ms"] = round(1000 * (time.perf_counter() - began), 1)
+        row.last_decision = record
         row.last_tick_at = now
+        s.flush()
+        snap.version = row.version
+    # Committed: this process's view is the stored one until someone else writes the row.
+    CACHE.give_back(db.url, snap)
     return TickResult(rollout_id, decision, tuple(started), changed)
 
 

@@ -1,17 +1,19 @@
-"""One rollout's stored facts for the policy: fold new reports in, then build ``DeviceFacts``.
+"""One rollout's facts for the policy: fold new reports in, then build ``DeviceFacts``.
 
-Each tick reads the rollout's devices (joined with their inventory rows), the
-events after the rollout's cursor, the check-ins and the telemetry rollups;
-folds them into each device's status (``signals``), writes back the rows that
-changed and moves the cursor past events old enough to be settled.
+A tick starts from the rollout's ``Snapshot`` (``snapshot``): kept in memory
+by the process since its previous tick, or loaded from ``rollout_devices``
+joined with the inventory when there is none or it is stale. It then reads
+what is new (events, check-ins, telemetry rollups), folds it into each
+touched device's status (``signals``), writes back the rows whose status
+changed, rebuilds only the touched devices' facts and moves the stored event
+cursor past events old enough to be settled (where a rebuild starts from).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from server.db import Device, Event, as_utc
@@ -27,25 +29,14 @@ from server.rollout_service.signals import (
     fold_event,
     report_of,
 )
+from server.rollout_service.snapshot import Snapshot, TrackedDevice, read_checkins, read_events
 from server.rollout_service.tables import Rollout, RolloutDevice
 
-
-@dataclass(slots=True)
-class _Device:
-    device_id: str
-    stage: int
-    rank: int
-    started_at: datetime | None
-    profile: str
-    last_seen: datetime | None
-    installed: tuple[str | None, int | None]
-    baseline_p95_ms: float | None
-    baseline_power_mw: float | None
-    stored: Progress
-    progress: Progress
+_STATUS = {status.value: status for status in InstallStatus}
+_NOT_MEASURED = telemetry.Measured(None, None, 0)
 
 
-def _load(s: Session, rollout_id: str) -> dict[str, _Device]:
+def _load(s: Session, rollout_id: str) -> dict[str, TrackedDevice]:
     rd = RolloutDevice
     query = (
         select(
@@ -67,7 +58,7 @@ def _load(s: Session, rollout_id: str) -> dict[str, _Device]:
         .join(Device, Device.id == rd.device_id)
         .where(rd.rollout_id == rollout_id)
     )
-    devices: dict[str, _Device] = {}
+    devices: dict[str, TrackedDevice] = {}
     for (
         device_id,
         stage,
@@ -84,8 +75,8 @@ def _load(s: Session, rollout_id: str) -> dict[str, _Device]:
         name,
         release,
     ) in s.execute(query):
-        progress = Progress(InstallStatus(status), reason, golden, last_event)
-        devices[device_id] = _Device(
+        progress = Progress(_STATUS[status], reason, golden, last_event)
+        devices[device_id] = TrackedDevice(
             device_id,
             stage,
             rank,
@@ -101,43 +92,56 @@ def _load(s: Session, rollout_id: str) -> dict[str, _Device]:
     return devices
 
 
-def _fold_events(
-    s: Session, row: Rollout, devices: dict[str, _Device], match: ReleaseMatch
-) -> None:
-    rd = RolloutDevice
-    query = (
-        select(Event.id, Event.device_id, Event.type, Event.state, Event.source, Event.detail)
-        .join(rd, and_(rd.device_id == Event.device_id, rd.rollout_id == row.id))
-        .where(
-            Event.id > row.event_cursor,
-            Event.type.in_(EVENT_TYPES),
-            rd.started_at.is_not(None),
+def load(s: Session, row: Rollout, wall_now: datetime) -> Snapshot:
+    """A snapshot from the tables; events after the stored cursor are read again."""
+    devices = _load(s, row.id)
+    return Snapshot(row.id, devices, row.event_cursor, wall_now, dirty=set(devices))
+
+
+def _fold_events(snap: Snapshot, cfg: ServiceConfig, s: Session, match: ReleaseMatch) -> None:
+    devices, dirty = snap.devices, snap.dirty
+    for e in read_events(s, snap, cfg.event_settle):
+        if e.type not in EVENT_TYPES:
+            continue
+        d = devices.get(e.device_id)
+        if d is None or d.started_at is None:
+            continue
+        folded = fold_event(
+            d.progress, e.id, e.type, e.state, report_of(e.detail, e.source), match=match
         )
-        .order_by(Event.id)
-    )
-    for event_id, device_id, type_, state, source, detail in s.execute(query):
-        device = devices.get(device_id)
-        if device is not None:
-            device.progress = fold_event(
-                device.progress, event_id, type_, state, report_of(detail, source), match=match
-            )
+        if folded != d.progress:
+            d.progress = folded
+            dirty.add(d.device_id)
 
 
-def _write_back(s: Session, rollout_id: str, devices: dict[str, _Device]) -> int:
-    changed = [
-        {
-            "rollout_id": rollout_id,
-            "device_id": d.device_id,
-            "status": d.progress.status.value,
-            "reason": d.progress.reason,
-            "golden_accuracy": d.progress.golden_accuracy,
-            "last_event_id": d.progress.last_event_id,
-        }
-        for d in devices.values()
-        if d.progress != d.stored
-    ]
+def _fold_checkins(snap: Snapshot, cfg: ServiceConfig, s: Session, wall_now: datetime) -> None:
+    devices, dirty = snap.devices, snap.dirty
+    for device_id, seen, name, release in read_checkins(s, snap, wall_now, cfg.checkin_settle):
+        d = devices.get(device_id)
+        if d is not None and (d.last_seen != seen or d.installed != (name, release)):
+            d.last_seen, d.installed = seen, (name, release)
+            dirty.add(device_id)
+
+
+def _write_back(s: Session, rollout_id: str, devices: list[TrackedDevice]) -> int:
+    changed = [d for d in devices if d.progress != d.stored]
     if changed:
-        s.execute(update(RolloutDevice), changed)
+        s.execute(
+            update(RolloutDevice),
+            [
+                {
+                    "rollout_id": rollout_id,
+                    "device_id": d.device_id,
+                    "status": d.progress.status.value,
+                    "reason": d.progress.reason,
+                    "golden_accuracy": d.progress.golden_accuracy,
+                    "last_event_id": d.progress.last_event_id,
+                }
+                for d in changed
+            ],
+        )
+        for d in changed:
+            d.stored = d.progress
     return len(changed)
 
 
@@ -149,40 +153,71 @@ def settled_cursor(s: Session, cursor: int, settled_before: datetime) -> int:
     return int(newest) if newest is not None else cursor
 
 
+def _facts(d: TrackedDevice, m: telemetry.Measured) -> DeviceFacts:
+    return DeviceFacts(
+        device_id=d.device_id,
+        profile=d.profile,
+        stage=d.stage,
+        rank=d.rank,
+        status=d.progress.status,
+        started_at=d.started_at,
+        last_seen=d.last_seen,
+        baseline_p95_ms=d.baseline_p95_ms,
+        p95_ms=m.p95_ms,
+        baseline_power_mw=d.baseline_power_mw,
+        power_mw=m.power_mw,
+        golden_accuracy=d.progress.golden_accuracy,
+        error_count=m.errors,
+    )
+
+
 def collect(
-    s: Session, row: Rollout, spec: RolloutSpec, cfg: ServiceConfig, wall_now: datetime
-) -> list[DeviceFacts]:
-    """Fold the newest reports into ``rollout_devices`` and return every device's facts."""
+    s: Session,
+    row: Rollout,
+    spec: RolloutSpec,
+    cfg: ServiceConfig,
+    wall_now: datetime,
+    *,
+    snap: Snapshot | None = None,
+) -> tuple[list[DeviceFacts], Snapshot]:
+    """Fold what is new into ``snap`` (loaded when None) and ``rollout_devices``; return
+    every device's facts and the snapshot to keep for the next tick."""
     match = ReleaseMatch.of(spec.release)
-    devices = _load(s, row.id)
-    _fold_events(s, row, devices, match)
-    for d in devices.values():
+    if snap is None:
+        snap = load(s, row, wall_now)
+    _fold_events(snap, cfg, s, match)
+    _fold_checkins(snap, cfg, s, wall_now)
+    devices = snap.devices
+    touched = [devices[d] for d in snap.dirty if d in devices]
+    for d in touched:
         if d.started_at is not None:
             d.progress = fold_checkin(d.progress, *d.installed, match)
-    _write_back(s, row.id, devices)
+    _write_back(s, row.id, touched)
     cursor = settled_cursor(s, row.event_cursor, wall_now - cfg.event_settle)
     if cursor != row.event_cursor:
         row.event_cursor = cursor
     measured = telemetry.current(s, row.id, match)
-    facts: list[DeviceFacts] = []
-    none = telemetry.Measured(None, None, 0)
-    for d in devices.values():
-        m = measured.get(d.device_id, none)
-        facts.append(
-            DeviceFacts(
-                device_id=d.device_id,
-                profile=d.profile,
-                stage=d.stage,
-                rank=d.rank,
-                status=d.progress.status,
-                started_at=d.started_at,
-                last_seen=d.last_seen,
-                baseline_p95_ms=d.baseline_p95_ms,
-                p95_ms=m.p95_ms,
-                baseline_power_mw=d.baseline_power_mw,
-                power_mw=m.power_mw,
-                golden_accuracy=d.progress.golden_accuracy,
-                error_count=m.errors,
-            )
-        )
-    return facts
+    previous = snap.measured
+    for device_id in previous.keys() | measured.keys():
+        if previous.get(device_id) != measured.get(device_id) and device_id in devices:
+            touched.append(devices[device_id])
+    snap.measured = measured
+    for d in touched:
+        d.facts = _facts(d, measured.get(d.device_id, _NOT_MEASURED))
+    snap.dirty.clear()
+    return [d.facts for d in devices.values() if d.facts is not None], snap
+
+
+def note_started(snap: Snapshot, rows: list[dict[str, object]], now: datetime) -> None:
+    """Mirror ``engine.start_devices``'s writes: the devices it told to install."""
+    for values in rows:
+        d = snap.devices.get(str(values["device_id"]))
+        if d is None:
+            continue
+        d.started_at = now
+        base_p95, base_power = values["baseline_p95_ms"], values["baseline_power_mw"]
+        d.baseline_p95_ms = float(base_p95) if isinstance(base_p95, int | float) else None
+        d.baseline_power_mw = float(base_power) if isinstance(base_power, int | float) else None
+        d.progress = d.stored = d.stored._replace(status=InstallStatus.PENDING)
+        d.facts = _facts(d, snap.measured.get(d.device_id, _NOT_MEASURED))
+        snap.dirty.add(d.device_id)  # a check-in may already name the release

@@ -111,7 +111,8 @@ def detail(s: Session, row: Rollout) -> dict[str, Any]:
         "tripped": [g for g in gates if g.get("tripped")],
         "waiting": list(decision.get("waiting", [])),
         "decision": {
-            key: decision.get(key) for key in ("kind", "reason", "at", "started", "window_open")
+            key: decision.get(key)
+            for key in ("kind", "reason", "at", "started", "window_open", "tick_ms")
         }
         if decision
         else None,
