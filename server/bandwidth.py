@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Index, String, UniqueConstraint, func, select
+from sqlalchemy import BigInteger, Index, String, UniqueConstraint, case, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -140,7 +140,7 @@ def _totals_query(*group: Any) -> Any:
     return select(
         *group,
         func.count(),
-        func.sum(func.cast(Download.via == "delta", BigInteger)),
+        func.sum(case((Download.via == "delta", 1), else_=0)),
         func.count(Download.fallback),
         func.sum(Download.bytes_downloaded),
         func.sum(Download.target_bytes),

@@ -62,7 +62,7 @@ class Device(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     mqtt_password_hash: Mapped[str] = mapped_column(String(160))  # Mosquitto $7$ format
     created_at: Mapped[datetime]
-    last_seen: Mapped[datetime | None]
+    last_seen: Mapped[datetime | None] = mapped_column(index=True)  # range queries: who is silent
     state: Mapped[str] = mapped_column(String(32), default="enrolled")
     installed_name: Mapped[str | None] = mapped_column(String(64))
     installed_release: Mapped[int | None]
@@ -117,7 +117,8 @@ class Assignment(Base):
     """Which release a device or a tag should run; the newest row wins."""
 
     __tablename__ = "assignments"
-    __table_args__ = (Index("ix_assignments_target", "target_kind", "target_value"),)
+    # With id last, "the newest for this target" is one backward index scan.
+    __table_args__ = (Index("ix_assignments_target", "target_kind", "target_value", "id"),)
 
     id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
     target_kind: Mapped[str] = mapped_column(String(16))  # "device" | "tag"

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.api import DesiredTarget, InstalledModel
 from agent.protocol.manifest import ModelManifest, model_target_path
+from server import device_store
 from server.bandwidth import record_download
 from server.db import (
     Assignment,
@@ -232,39 +233,12 @@ def add_event(
 
 
 def resolve_desired(s: Session, device: Device) -> DesiredTarget | None:
-    """Newest device assignment, else newest assignment to one of its tags; then the variant."""
-    assignment = s.scalars(
-        select(Assignment)
-        .where(Assignment.target_kind == "device", Assignment.target_value == device.id)
-        .order_by(Assignment.id.desc())
-        .limit(1)
-    ).first()
-    selectors = [f"{k}={v}" for k, v in device.tags.items()]
-    if assignment is None and selectors:
-        assignment = s.scalars(
-            select(Assignment)
-            .where(Assignment.target_kind == "tag", Assignment.target_value.in_(selectors))
-            .order_by(Assignment.id.desc())
-            .limit(1)
-        ).first()
-    if assignment is None:
-        return None
-    published = set(
-        s.scalars(
-            select(Model.variant).where(
-                Model.name == assignment.name, Model.release == assignment.release
-            )
-        )
-    )
-    for variant in device.variant_preference:
-        if variant in published:
-            return DesiredTarget(
-                target_path=model_target_path(assignment.name, assignment.release, variant),
-                name=assignment.name,
-                release=assignment.release,
-                variant=variant,
-            )
-    return None
+    """Newest device assignment, else newest assignment to one of its tags; then the variant.
+
+    The same query as the check-in's (``device_store.resolve``), so both always agree.
+    """
+    s.flush()
+    return device_store.resolve(s.connection(), device.id, device.tags, device.variant_preference)
 
 
 # --- operator views ----------------------------------------------------------------------

@@ -17,6 +17,10 @@ API_PREFIX = "/api/v1"
 ENROLL_PATH = f"{API_PREFIX}/enroll"
 CHECKIN_PATH = f"{API_PREFIX}/devices/{{device_id}}/checkin"
 EVENTS_PATH = f"{API_PREFIX}/devices/{{device_id}}/events"
+# Several events in one POST: ``{"events": [{"type", "state", "detail"}, ...]}`` -> 201
+# ``{"stored": n}``. An update's steps are sent together, not one request each.
+EVENTS_BATCH_PATH = f"{API_PREFIX}/devices/{{device_id}}/events/batch"
+MAX_EVENT_BATCH = 64
 TUF_METADATA_PREFIX = "/tuf/metadata/"
 TUF_TARGETS_PREFIX = "/tuf/targets/"
 

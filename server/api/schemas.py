@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.protocol.api import MAX_EVENT_BATCH
 from agent.protocol.manifest import VARIANTS
 from server.db import as_utc
 from server.errors import ServerError
@@ -123,6 +124,12 @@ class EventIn(_DeviceInput):
     type: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
     state: State | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventBatchIn(_DeviceInput):
+    """Several events of one device, oldest first; each is checked exactly like ``EventIn``."""
+
+    events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENT_BATCH)]
 
 
 class AssignmentIn(_OperatorInput):
