@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import requests
 
 from agent import __version__
 from agent.errors import ProtocolError, ServerRequestError
+from agent.eventqueue import PendingEvent, batch_body
 from agent.protocol import api
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,11 @@ class DeviceClient:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
+    def _post(self, path: str, body: dict[str, Any], timeout_s: float | None = None) -> Any:
         url = self.base_url + path
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            resp = self.session.post(url, json=body, timeout=self.timeout_s, stream=True)
+            resp = self.session.post(url, json=body, timeout=timeout, stream=True)
             raw = resp.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
         except requests.RequestException as err:
             raise ServerRequestError(f"cannot reach {url}: {err}") from err
@@ -80,6 +83,15 @@ class DeviceClient:
     def event(self, kind: str, state: str, detail: dict[str, Any]) -> None:
         body = {"type": kind, "state": state, "detail": detail}
         self._post(self._device_path(api.EVENTS_PATH), body)
+
+    def events(self, batch: Sequence[PendingEvent], timeout_s: float | None = None) -> int:
+        """POST one batch of queued events; the number the server stored."""
+        path = self._device_path(api.EVENTS_BATCH_PATH)
+        reply = self._post(path, batch_body(batch), timeout_s)
+        stored = reply.get("stored") if isinstance(reply, dict) else None
+        if not isinstance(stored, int) or isinstance(stored, bool):
+            raise ProtocolError(f"reply from {path} lacks a valid 'stored'")
+        return stored
 
     def _device_path(self, template: str) -> str:
         if not self.device_id:

@@ -19,6 +19,7 @@ from agent.client import DeviceClient
 from agent.config import AgentConfig
 from agent.download import DownloadLimits
 from agent.errors import AgentError, ConfigError, SmokeTestError
+from agent.eventqueue import EventQueue, flush
 from agent.fetch import FetchLimits, TufFetcher
 from agent.identity import Identity, load_identity, pinned_root
 from agent.mqtt import MqttSettings, Publisher
@@ -33,6 +34,9 @@ from agent.updater import Updater
 from agent.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
+
+# The last flush on the way out must not hold up a SIGTERM stop for the full request timeout.
+STOP_FLUSH_TIMEOUT_S = 3.0
 
 
 def resolve_profile(cfg: AgentConfig) -> Profile:
@@ -67,6 +71,7 @@ class Agent:
         self.choice = runtime_choice(cfg, self.profile)
         server = cfg.server or self.identity.server
         self.client = DeviceClient(server, self.identity.device_id, self.identity.device_token)
+        self.events = EventQueue()  # HTTP copies of update events, sent in batches
         self.slots = SlotStore(cfg.state_dir / "slots")
         self.outbox = Outbox(
             cfg.state_dir / "outbox.sqlite", OutboxConfig(max_bytes=cfg.telemetry.outbox_max_bytes)
@@ -159,11 +164,17 @@ class Agent:
         }
 
     def _report(self, kind: str, state: str, detail: dict[str, Any]) -> None:
+        """Every event on MQTT now; its HTTP copy in the next batch (see ``agent.eventqueue``)."""
         self.publisher.publish("events", {"type": kind, "state": state, "detail": detail})
+        if self.events.add(kind, state, detail):
+            self.flush_events()
+
+    def flush_events(self, timeout_s: float | None = None) -> None:
+        """POST every queued event; a failed batch stays queued for the next flush."""
         try:
-            self.client.event(kind, state, detail)
+            flush(self.events, lambda batch: self.client.events(batch, timeout_s))
         except AgentError as err:
-            log.debug("event %s/%s not posted over HTTP (queued on MQTT): %s", kind, state, err)
+            log.debug("%d events wait for HTTP (MQTT has them): %s", len(self.events), err)
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -191,6 +202,7 @@ class Agent:
         self._stop.set()
         self._wake.set()
         sdnotify.stopping()
+        self.flush_events(STOP_FLUSH_TIMEOUT_S)
         self.worker.stop()
         self.sampler.stop()
         self.publisher.stop()
@@ -202,6 +214,7 @@ class Agent:
 
     def checkin_once(self) -> bool:
         """One check-in, and the update it asks for. True when a model was committed."""
+        self.flush_events()  # whatever an earlier flush could not deliver
         try:
             reply = self.client.checkin(self.updater.record.state.value, self.updater.installed())
         except AgentError as err:

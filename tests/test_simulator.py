@@ -7,17 +7,21 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.errors import ProtocolError
+from agent.protocol.api import EVENTS_BATCH_PATH
 from agent.protocol.manifest import Golden, ModelManifest
+from agent.statemachine import Event, UpdateRecord
 from agent.telemetry import TelemetryWindow
 from server.errors import InvalidInputError
 from server.rollup_values import RollupValues
 from server.simulator import (
     ProfileBehaviour,
+    SharedArtifacts,
     SimConfig,
     WindowSpec,
     build_behaviour,
@@ -25,8 +29,11 @@ from server.simulator import (
     parse_profile,
     plan_fleet,
 )
+from server.simulator.device import Context, SimDevice
+from server.simulator.http import DeviceHttp
 from server.simulator.http_pool import HttpPool, HttpPoolError, PoolLimits
 from server.simulator.payloads import latency_summary, telemetry_window
+from server.simulator.stats import FleetStats
 
 LABELS = ",".join(str(i) for i in range(10))
 
@@ -316,3 +323,67 @@ def test_an_unreachable_server_is_a_clear_error() -> None:
         asyncio.run(post())
     with pytest.raises(ValueError, match="plain http"):
         HttpPool("https://example.invalid", PoolLimits(), "test")
+
+
+def test_an_update_reaches_http_as_one_batch_and_a_failed_batch_is_retried(
+    tmp_path: Path,
+) -> None:
+    """A device without its own MQTT link posts its events over HTTP, batched by the agent's
+    queue: nothing until the update ends, then the whole chain in one request; a refused
+    POST keeps the batch for the next flush (the one at the end of ``SimDevice.update``)."""
+    seen: list[tuple[str, list[tuple[str, str]]]] = []
+    answers = [b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"]
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+            body = json.loads(await reader.readexactly(length))
+            path = head.split(b" ")[1].decode()
+            seen.append((path, [(e["type"], e["state"]) for e in body["events"]]))
+            stored = json.dumps({"stored": len(body["events"])}).encode()
+            writer.write(answers.pop(0) if answers else _ok(stored))
+            await writer.drain()
+        writer.close()
+
+    record, chain = UpdateRecord(), []
+    ok = Event.SUCCESS
+    for event in (Event.START, Event.UPDATE_AVAILABLE, ok, ok, ok, ok, ok, Event.DONE):
+        record = record.advance(event)
+        chain.append(("update", record.state.value))
+    chain.insert(2, ("download", "done"))
+
+    async def run() -> tuple[SimDevice, list[int]]:
+        server = await asyncio.start_server(script, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        config = SimConfig(devices=1, mqtt_devices=0, events="mqtt")  # unlinked: HTTP anyway
+        behaviour = build_behaviour(["rpi4"])
+        stats = FleetStats()
+        http = DeviceHttp(url, 2, 5.0, stats)
+        ctx = Context(config, behaviour, http, SharedArtifacts(url, b"{}", tmp_path), stats)
+        device = SimDevice(plan_fleet(config, behaviour)[0], "dev-sim-1", "tok", None, ctx)
+        requests = []
+        try:
+            for kind, state in chain:
+                await device.report(kind, state, {"target": "models/digits/1/int8-cpu.tflite"})
+                requests.append(len(seen))
+            await device.flush_events()
+        finally:
+            await http.close()
+            server.close()
+        return device, requests
+
+    device, requests = asyncio.run(run())
+    assert requests == [0] * (len(chain) - 1) + [1]  # nothing posted before the update ended
+    path = EVENTS_BATCH_PATH.format(device_id="dev-sim-1")
+    assert seen == [(path, chain), (path, chain)]  # refused with 503, then sent again whole
+    stats = device.ctx.stats
+    assert stats.events == len(chain) and stats.errors == {"events: HTTP 503": 1}
+    assert len(device.events) == 0 and device.events.dropped == 0

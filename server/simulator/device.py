@@ -5,7 +5,8 @@ The update walks the agent's own state machine (``agent.statemachine``:
 state exactly as ``agent.updater`` does: an ``update`` event per transition
 with ``{target, slot, reason}``, the ``download`` bandwidth report, and the
 ``golden_set`` score during the smoke test when the release ships one, which
-fails the smoke test below the release minimum (``agent.smoke``). Target
+fails the smoke test below the release minimum (``agent.smoke``). HTTP copies
+of the events are batched by the agent's own ``agent.eventqueue``. Target
 metadata and bytes come from the fleet's ``SharedArtifacts``: verified with
 TUF once, shared by every device.
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import AgentError, ProtocolError, SmokeTestError, UpdateError
+from agent.eventqueue import EventQueue
 from agent.goldenset import GoldenSetResult, GoldenSetSpec
 from agent.protocol.api import DesiredTarget, InstalledModel, MqttCredentials
 from agent.smoke import golden_set_problem
@@ -76,6 +78,7 @@ class SimDevice:
         self.link: MqttLink | None = None
         self.wake = asyncio.Event()
         self.windows = 0
+        self.events = EventQueue()  # HTTP copies waiting for their batch
         self._traits: dict[int, Traits] = {}
 
     def traits(self, release: int) -> Traits:
@@ -120,17 +123,25 @@ class SimDevice:
 
     # -- reporting -----------------------------------------------------------------------
     async def report(self, kind: str, state: str, detail: dict[str, Any]) -> None:
-        """MQTT and/or HTTP, as configured; the agent sends both and the server dedupes."""
+        """MQTT now and/or HTTP in the next batch, as configured; the agent sends both and
+        the server dedupes."""
         route = self.ctx.config.events
         linked = self.link is not None and self.link.connected
         if linked and route in ("both", "mqtt"):
             assert self.link is not None
             self.link.publish("events", {"type": kind, "state": state, "detail": detail})
-        if not linked or route in ("both", "http"):
+        if (not linked or route in ("both", "http")) and self.events.add(kind, state, detail):
+            await self.flush_events()
+
+    async def flush_events(self) -> None:
+        """POST the queued HTTP copies, a batch at a time; a failed batch waits for the next."""
+        while batch := self.events.take():
             try:
-                await self.ctx.http.event(self.device_id, self.token, kind, state, detail)
+                await self.ctx.http.events(self.device_id, self.token, batch)
             except AgentError as err:
-                log.debug("event %s/%s of %s not posted: %s", kind, state, self.device_id, err)
+                self.events.failed(batch, err)
+                log.debug("%d events of %s not posted: %s", len(batch), self.device_id, err)
+                return
 
     async def _go(self, event: Event, **changes: Any) -> None:
         """Advance the update record through the agent's table and report the new state."""
@@ -160,8 +171,10 @@ class SimDevice:
             update_id=secrets.token_hex(8),
             reason=None,
         )
+        committed = False
         try:
             await self._chain(desired, traits)
+            committed = True
         except AgentError as err:
             self.failures[desired.target_path] = self.failures.get(desired.target_path, 0) + 1
             await self._go(Event.FAILURE, reason=str(err))
@@ -171,11 +184,14 @@ class SimDevice:
                 self.ctx.stats.rolled_back += 1
             else:
                 self.ctx.stats.failed += 1
-            return False
         finally:
             self.record = self.record.cleared()
-        self.ctx.stats.committed += 1
-        return True
+        if committed:
+            self.ctx.stats.committed += 1
+        # Usually a no-op (the final idle event flushed the queue); after a failed POST it is
+        # the one retry before the device goes back to sleep.
+        await self.flush_events()
+        return committed
 
     async def _chain(self, desired: DesiredTarget, traits: Traits) -> None:
         """Download to commit; an ``AgentError`` fails the step the record is in."""

@@ -206,6 +206,8 @@ class Fleet:
         await self._sleep(device, first)
         while not self._stopping.is_set() and not device.silent:
             try:
+                if device.events:  # as the agent: what an earlier flush could not deliver
+                    await device.flush_events()
                 reply = await self.http.checkin(
                     device.device_id, device.token, "idle", device.installed()
                 )

@@ -12,10 +12,12 @@ simulator's own queueing.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from agent import __version__ as AGENT_VERSION  # noqa: N812
 from agent.errors import ProtocolError, ServerRequestError
+from agent.eventqueue import PendingEvent, batch_body
 from agent.protocol import api
 from server.simulator.http_pool import HttpPool, HttpPoolError, PoolLimits
 from server.simulator.stats import FleetStats
@@ -104,9 +106,13 @@ class DeviceHttp:
         self.stats.checkin(took)
         return reply
 
-    async def event(
-        self, device_id: str, token: str, kind: str, state: str, detail: dict[str, Any]
-    ) -> None:
-        body = {"type": kind, "state": state, "detail": detail}
-        await self._post(api.EVENTS_PATH.format(device_id=device_id), body, token, "event")
-        self.stats.events += 1
+    async def events(self, device_id: str, token: str, batch: Sequence[PendingEvent]) -> int:
+        """POST one batch of queued events (``agent.eventqueue``); the number stored."""
+        path = api.EVENTS_BATCH_PATH.format(device_id=device_id)
+        data, _ = await self._post(path, batch_body(batch), token, "events")
+        stored = data.get("stored") if isinstance(data, dict) else None
+        if not isinstance(stored, int) or isinstance(stored, bool):
+            self.stats.error("events: malformed reply")
+            raise ProtocolError(f"reply from {path} lacks a valid 'stored'")
+        self.stats.events += len(batch)
+        return stored
