@@ -30,6 +30,7 @@ from server.metrics import FleetMetrics
 from server.rollout_scheduler import RolloutScheduler
 from server.rollout_service import ServiceConfig
 from server.rollups import RollupConfig, RollupWriter
+from server.scheduler_process import SchedulerProcess
 from server.store import check_mqtt_password, new_secret
 from server.tuf_repo import TufRepository
 
@@ -82,7 +83,7 @@ class ServerHandle:
     _refresher: threading.Thread | None = None
     writer: RollupWriter | None = None
     metrics: FleetMetrics | None = None
-    scheduler: RolloutScheduler | None = None
+    scheduler: RolloutScheduler | SchedulerProcess | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -189,6 +190,16 @@ def _display_url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _scheduler(cfg: ServerConfig, db: Database) -> RolloutScheduler | SchedulerProcess:
+    mode, postgres = cfg.rollout_scheduler, db.dialect == "postgresql"
+    if mode == "process" and not postgres:
+        raise ConfigError("rollout_scheduler=process needs PostgreSQL (SQLite locks are local)")
+    service = ServiceConfig.from_server(cfg)
+    if mode == "process" or (mode == "auto" and postgres):
+        return SchedulerProcess(db.url, cfg.rollout_tick_interval_s, service, cfg.log_level)
+    return RolloutScheduler(db, cfg.rollout_tick_interval_s, service)
+
+
 def start_server(config: ServerConfig) -> ServerHandle:
     """Bring up every component; on any failure, stop what was started and re-raise."""
     cfg = config.resolve()
@@ -196,7 +207,12 @@ def start_server(config: ServerConfig) -> ServerHandle:
     token = ensure_operator_token(cfg)
     repo = open_or_create_repo(cfg)
     assert cfg.db_url is not None
-    db = Database(cfg.db_url)
+    db = Database(cfg.db_url, pool_size=cfg.http_threads)
+    try:
+        scheduler = _scheduler(cfg, db)  # a bad choice fails before anything starts
+    except ConfigError:
+        db.dispose()
+        raise
     db.create_all()
     broker: EmbeddedBroker | None = None
     ingest: TelemetryIngest | None = None
@@ -245,9 +261,7 @@ def start_server(config: ServerConfig) -> ServerHandle:
         metrics=metrics,
     )
     handle.start_refresher()
-    handle.scheduler = RolloutScheduler(
-        db, cfg.rollout_tick_interval_s, ServiceConfig.from_server(cfg)
-    )
+    handle.scheduler = scheduler
     metrics.add_scheduler(handle.scheduler)
     handle.scheduler.start()
     log.info("fleet server API at %s (MQTT %s:%s)", handle.url, public.host, public.port)

@@ -95,6 +95,9 @@ class ServerConfig:
     operator_token: str | None = None
     enrollment_tokens: tuple[str, ...] = ()
     poll_interval_s: float = 30.0
+    # Request threads, and as many pooled database connections: a request never waits
+    # for a connection, and none is opened and closed per request under load.
+    http_threads: int = 16
     keys_dir: Path | None = None
     repo_dir: Path | None = None
     tuf_refresh_interval_s: float = 3600.0  # re-sign TUF roles before they expire
@@ -137,6 +140,9 @@ class ServerConfig:
     mqtt_ca_file: Path | None = None
     # Rollouts: how often the scheduler ticks (also $EDGEFLEET_ROLLOUT_TICK_S)
     rollout_tick_interval_s: float = dataclasses.field(default_factory=_rollout_tick_default)
+    # "process": the scheduler in a process of its own (PostgreSQL only; see
+    # server.scheduler_process); "thread": in this process; "auto": process on PostgreSQL.
+    rollout_scheduler: str = "auto"
 
     @property
     def token_file(self) -> Path:
@@ -160,6 +166,10 @@ class ServerConfig:
             raise ConfigError("rollout_tick_interval_s must be positive")
         if self.poll_interval_s <= 0:
             raise ConfigError("poll_interval_s must be positive")
+        if self.rollout_scheduler not in ("auto", "thread", "process"):
+            raise ConfigError("rollout_scheduler must be auto, thread or process")
+        if not 1 <= self.http_threads <= 256:
+            raise ConfigError("http_threads must be within 1..256")
         for name in ("max_upload_bytes", "max_json_bytes", "max_telemetry_bytes"):
             if getattr(self, name) < 1024:
                 raise ConfigError(f"{name} must be at least 1024")

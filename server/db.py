@@ -237,7 +237,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 16) -> Engine:
     url = normalize_db_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(
@@ -245,15 +245,17 @@ def make_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # ``pool_size`` covers the request threads; the overflow is for the server's own
+    # threads (scheduler, rollup writer, ingest), so connections are reused, not churned.
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=8)
 
 
 class Database:
     """An engine plus a session factory; ``session()`` commits or rolls back."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pool_size: int = 16) -> None:
         self.url = normalize_db_url(url)
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url, pool_size)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property

@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="MQTT client id of the telemetry subscriber (unique per server replica)",
     )
     run.add_argument("--poll-interval", type=float, default=30.0, help="device check-in seconds")
+    run.add_argument(
+        "--rollout-scheduler",
+        choices=("auto", "thread", "process"),
+        default="auto",
+        help="where rollouts tick: auto = its own process on PostgreSQL, else a thread",
+    )
+    run.add_argument(
+        "--http-threads", type=int, default=16, help="request threads and pooled DB connections"
+    )
     run.add_argument("--max-upload-mb", type=int, default=256, help="model upload size limit")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -124,6 +133,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         operator_token=operator_token,
         enrollment_tokens=tuple(tokens),
         poll_interval_s=args.poll_interval,
+        http_threads=args.http_threads,
+        rollout_scheduler=args.rollout_scheduler,
         ingest_client_id=args.ingest_client_id,
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
         log_level=args.log_level,

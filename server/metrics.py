@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -31,7 +32,6 @@ from server import latency_sketch
 from server.config import ServerConfig
 from server.db import Database, Device, TelemetryLatest, TelemetryRollup, utcnow
 from server.ingest import TelemetryIngest
-from server.rollout_scheduler import RolloutScheduler
 from server.rollup_values import RollupValues
 from server.rollups import RollupWriter
 
@@ -255,20 +255,31 @@ class IngestCollector(Collector):
         )
 
 
-class SchedulerCollector(Collector):
-    """How long this process's rollout engine takes per tick (65,000 devices: tens of ms)."""
+class SchedulerStats(Protocol):
+    """A rollout scheduler, in a thread or a process of its own."""
 
-    def __init__(self, scheduler: RolloutScheduler) -> None:
+    @property
+    def ticks(self) -> int: ...
+    @property
+    def tick_seconds(self) -> float: ...
+    @property
+    def last_round_s(self) -> float: ...
+
+
+class SchedulerCollector(Collector):
+    """How long this server's rollout engine takes per tick."""
+
+    def __init__(self, scheduler: SchedulerStats) -> None:
         self._scheduler = scheduler
 
     def collect(self) -> Iterable[Metric]:
         sched = self._scheduler
         yield CounterMetricFamily(
-            "edgefleet_rollout_ticks", "Rollout ticks run by this process.", value=sched.ticks
+            "edgefleet_rollout_ticks", "Rollout ticks run by this server.", value=sched.ticks
         )
         yield CounterMetricFamily(
             "edgefleet_rollout_tick_seconds",
-            "Time spent in rollout ticks by this process.",
+            "Time spent in rollout ticks by this server.",
             value=sched.tick_seconds,
         )
         yield GaugeMetricFamily(
@@ -293,7 +304,7 @@ class FleetMetrics:
         self.registry.register(FleetCollector(db, config))
         self.registry.register(IngestCollector(writer, ingest))
 
-    def add_scheduler(self, scheduler: RolloutScheduler) -> None:
+    def add_scheduler(self, scheduler: SchedulerStats) -> None:
         self.registry.register(SchedulerCollector(scheduler))
 
     def render(self) -> bytes:

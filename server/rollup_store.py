@@ -68,7 +68,13 @@ class RollupConfig:
             bucket_s=cfg.rollup_bucket_s,
             retention_s=cfg.telemetry_retention_days * 86_400.0,
             flush_interval_s=cfg.rollup_flush_interval_s,
-            flush_idle_s=cfg.rollup_flush_idle_s,
+            # The idle gap only matters when the broker waits for our commit to send more;
+            # otherwise sparse windows are written together, not one transaction each.
+            flush_idle_s=(
+                cfg.rollup_flush_idle_s
+                if cfg.ingest_ack_after_commit
+                else cfg.rollup_flush_interval_s
+            ),
             flush_max_messages=cfg.rollup_flush_max_messages,
             queue_max=cfg.ingest_queue_max,
             prune_interval_s=cfg.retention_prune_interval_s,

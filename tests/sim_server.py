@@ -69,7 +69,8 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(self.config, child), daemon=True)
+        # Not daemonic: the server starts its own rollout scheduler process.
+        self._proc = ctx.Process(target=_serve, args=(self.config, child), daemon=False)
         self._proc.start()
         child.close()
         if not parent.poll(_START_TIMEOUT_S):

@@ -126,10 +126,18 @@ def test_a_small_fleet_installs_like_the_agent_and_shares_each_target_once(
 
     op.assign(2, tag="fleet=share")
     wait_for("release 2 everywhere", lambda: fleet.report().releases.get("digits@2") == 6)
-    chain = _events(op, first)
-    assert ("golden_set", "scored") in chain and chain[-1] == ("update", "idle")
-    bandwidth = op.call("GET", "/api/v1/bandwidth")
-    release_2 = next(r for r in bandwidth["releases"] if r["release"] == 2)
+    # A device's reports go out as one batch once its update ends: wait for the last ones.
+    chain = wait_for("the second update reported", lambda: (
+        c if (c := _events(op, first))[-1] == ("update", "idle") and len(c) > len(AGENT_CHAIN)
+        else None))
+    assert ("golden_set", "scored") in chain
+
+    def release_2_counted() -> dict[str, Any] | None:
+        bandwidth = op.call("GET", "/api/v1/bandwidth")
+        found = [r for r in bandwidth["releases"] if r["release"] == 2]
+        return found[0] if found and found[0]["updates"] == 6 else None
+
+    release_2 = wait_for("six release-2 downloads counted", release_2_counted)
     assert release_2["updates"] == 6 and release_2["deltas"] == 6  # a signed delta, verified
     report = fleet.report()
     assert report.errors == 0 and report.committed == 12 and report.enrolled == 6

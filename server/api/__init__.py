@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
 from fastapi import FastAPI
 
 from server import __version__
@@ -21,7 +25,15 @@ def create_app(state: AppState, metrics: FleetMetrics | None = None) -> FastAPI:
     gets the larger ``max_upload_bytes``. ``metrics`` adds this process's
     ingest counters to ``/metrics`` (fleet gauges come from the database).
     """
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Sync routes run on this loop's worker threads; as many as pooled connections.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = state.config.http_threads
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="EdgeFleet fleet server",
         version=__version__,
         description="Ships signed INT8 models to edge cameras.",

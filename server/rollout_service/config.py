@@ -26,7 +26,7 @@ class ServiceConfig:
     event_settle: timedelta = timedelta(seconds=30)
     # Check-ins are read again this far back: one stamped just before a tick's read
     # may commit just after it.
-    checkin_settle: timedelta = timedelta(seconds=3)
+    checkin_settle: timedelta = timedelta(seconds=1)
     baseline_lookback: timedelta = timedelta(hours=6)  # telemetry before the update counted
     rollup_bucket: timedelta = timedelta(seconds=60)  # must match ServerConfig.rollup_bucket_s
     in_chunk: int = 500  # ids per ``IN (...)`` list: under SQLite's bound-parameter limit

@@ -74,7 +74,7 @@ def _load(s: Session, rollout_id: str) -> dict[str, TrackedDevice]:
         seen,
         name,
         release,
-    ) in s.execute(query):
+    ) in s.connection().execute(query):
         progress = Progress(_STATUS[status], reason, golden, last_event)
         devices[device_id] = TrackedDevice(
             device_id,

@@ -89,7 +89,8 @@ def read_events(s: Session, snap: Snapshot, settle: timedelta) -> list[EventRow]
     query = select(
         Event.id, Event.device_id, Event.type, Event.state, Event.source, Event.detail
     ).where(where)
-    rows = [EventRow(*r) for r in s.execute(query.order_by(Event.id))]
+    # On the session's connection: plain rows, without the ORM's per-statement machinery.
+    rows = [EventRow(*r) for r in s.connection().execute(query.order_by(Event.id))]
     now = time.monotonic()
     for row in rows:
         snap.gaps.pop(row.id, None)
@@ -125,7 +126,8 @@ def read_checkins(
         .join(rd, and_(rd.device_id == Device.id, rd.rollout_id == snap.rollout_id))
         .where(Device.last_seen >= snap.seen_until - settle)
     )
-    rows = [(d, as_utc(seen), name, release) for d, seen, name, release in s.execute(query)]
+    result = s.connection().execute(query)
+    rows = [(d, as_utc(seen), name, release) for d, seen, name, release in result]
     snap.seen_until = wall_now
     return rows
 

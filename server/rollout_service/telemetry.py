@@ -100,7 +100,7 @@ def current(
         .group_by(tr.device_id)
     )
     if only is None:
-        return {device_id: _measured(*sums) for device_id, *sums in s.execute(query)}
+        return {device_id: _measured(*sums) for device_id, *sums in s.connection().execute(query)}
     found: dict[str, Measured] = {}
     for at in range(0, len(only), chunk):
         part = query.where(tr.device_id.in_(only[at : at + chunk]))
