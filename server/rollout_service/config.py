@@ -27,6 +27,7 @@ class ServiceConfig:
     # Check-ins are read again this far back: one stamped just before a tick's read
     # may commit just after it.
     checkin_settle: timedelta = timedelta(seconds=1)
+    cursor_interval: timedelta = timedelta(seconds=10)  # how often the stored cursor moves
     baseline_lookback: timedelta = timedelta(hours=6)  # telemetry before the update counted
     rollup_bucket: timedelta = timedelta(seconds=60)  # must match ServerConfig.rollup_bucket_s
     in_chunk: int = 500  # ids per ``IN (...)`` list: under SQLite's bound-parameter limit

@@ -193,9 +193,13 @@ def collect(
         if d.started_at is not None:
             d.progress = fold_checkin(d.progress, *d.installed, match)
     _write_back(s, row.id, touched)
-    cursor = settled_cursor(s, row.event_cursor, wall_now - cfg.event_settle)
-    if cursor != row.event_cursor:
-        row.event_cursor = cursor
+    # The stored cursor only bounds what a rebuild reads again, and finding it scans
+    # every event after it: done now and then, not every tick.
+    if snap.cursor_at is None or wall_now - snap.cursor_at >= cfg.cursor_interval:
+        snap.cursor_at = wall_now
+        cursor = settled_cursor(s, row.event_cursor, wall_now - cfg.event_settle)
+        if cursor != row.event_cursor:
+            row.event_cursor = cursor
     measured = telemetry.current(s, row.id, match)
     previous = snap.measured
     for device_id in previous.keys() | measured.keys():
