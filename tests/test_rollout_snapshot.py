@@ -8,6 +8,7 @@ event whose lower id commits after a higher one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -191,3 +192,19 @@ def test_the_scheduler_reports_its_tick_time(
     assert seconds is not None and seconds > 0
     last = f.rollout(rid)["decision"]
     assert isinstance(last["tick_ms"], float) and last["tick_ms"] > 0
+
+
+def test_a_large_stage_is_told_over_several_ticks(server: ServerHandle, fleet: Fleet) -> None:
+    cfg = dataclasses.replace(ServiceConfig.from_server(server.config), max_starts_per_tick=2)
+    devices = fleet.enroll(5, tags=lambda i: {"fleet": "test", "store": f"s{i}"})
+    fleet.bring_to(devices, 1)
+    rid = fleet.create(release="digits@2", select=["fleet=test"], stages="100%", soak="0s",
+                       start=True)["id"]
+    told: list[str] = []
+    for expected in (2, 2, 1, 0):
+        result = tick(server.db, rid, cfg)
+        assert result is not None
+        assert len(result.started) == expected
+        told.extend(result.started)
+        check(server.db, rid, cfg)
+    assert sorted(told) == sorted(d.device_id for d in devices)  # each told once

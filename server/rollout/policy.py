@@ -162,28 +162,28 @@ class _Tally:
             InstallStatus.DOWNLOADING,
         )
         for d in facts.devices:
-            s = d.stage
+            # One full unpacking costs less than six NamedTuple attribute lookups.
+            device_id, profile, _, s, rank, state, started, seen, _, _, _, _, _, _ = d
             if not 0 <= s < n_stages:
-                raise FactsError(f"device {d.device_id} is in stage {s}, which does not exist")
+                raise FactsError(f"device {device_id} is in stage {s}, which does not exist")
             total[s] += 1
-            if ack and d.device_id in ack:
+            if ack and device_id in ack:
                 self.acked[s] += 1
                 continue
-            started, seen, cutoff = d.started_at, d.last_seen, cutoffs[s]
+            cutoff = cutoffs[s]
             if started is None:
                 not_started[s] += 1
                 if s <= cur:
-                    candidates.append((s, seen is None or seen < cutoff, d.rank, d.device_id))
+                    candidates.append((s, seen is None or seen < cutoff, rank, device_id))
                 continue
             if s == cur and (self.last_start is None or started > self.last_start):
                 self.last_start = started
             # Silent: nothing heard (start or check-in) for longer than the timeout.
             quiet = started < cutoff and (seen is None or seen < cutoff)
-            g = profiles.get(d.profile)
+            g = profiles.get(profile)
             if g is None:
-                g = profiles[d.profile] = ProfileStats()
+                g = profiles[profile] = ProfileStats()
             g.started += 1
-            state = d.status
             if state is installed:
                 g.finished += 1
                 if not quiet and (max_errors is None or d.error_count <= max_errors):
@@ -196,11 +196,11 @@ class _Tally:
                 continue
             else:  # failed, rolled back, or silent before installing
                 g.finished += 1
-                g.install_failed.append(d.device_id)
+                g.install_failed.append(device_id)
             failed[s] += 1
             if quiet and state not in _FAILED:
                 self.silent[s] += 1
-            self.failed_ids[s].append(d.device_id)
+            self.failed_ids[s].append(device_id)
 
     def progress(self) -> tuple[StageProgress, ...]:
         return tuple(

@@ -28,6 +28,9 @@ class ServiceConfig:
     # may commit just after it.
     checkin_settle: timedelta = timedelta(seconds=1)
     cursor_interval: timedelta = timedelta(seconds=10)  # how often the stored cursor moves
+    # Devices told to install per tick: a stage of 32,500 is told over a few ticks, so no
+    # tick holds the rollout's lock for a minute (devices learn at their next check-in).
+    max_starts_per_tick: int = 2000
     baseline_lookback: timedelta = timedelta(hours=6)  # telemetry before the update counted
     rollup_bucket: timedelta = timedelta(seconds=60)  # must match ServerConfig.rollup_bucket_s
     in_chunk: int = 500  # ids per ``IN (...)`` list: under SQLite's bound-parameter limit

@@ -181,11 +181,8 @@ def tick(
         snap = CACHE.take(db.url, rollout_id, row.version)
         facts, snap = collect(s, row, spec, cfg, wall, snap=snap)
         decision = decide(RolloutFacts(row.id, spec, status, facts), now, cfg.policy)
-        rows = (
-            start_devices(s, row, spec=spec, ids=decision.start, now=now, cfg=cfg)
-            if decision.start
-            else []
-        )
+        ids = decision.start[: cfg.max_starts_per_tick]  # the rest: next tick
+        rows = start_devices(s, row, spec=spec, ids=ids, now=now, cfg=cfg) if ids else []
         note_started(snap, rows, now)
         started = [str(r["device_id"]) for r in rows]
         changed = decision.status != status

@@ -207,9 +207,9 @@ def collect(
             touched.append(devices[device_id])
     snap.measured = measured
     for d in touched:
-        d.facts = _facts(d, measured.get(d.device_id, _NOT_MEASURED))
+        snap.put(d, _facts(d, measured.get(d.device_id, _NOT_MEASURED)))
     snap.dirty.clear()
-    return [d.facts for d in devices.values() if d.facts is not None], snap
+    return snap.all_facts(), snap
 
 
 def note_started(snap: Snapshot, rows: list[dict[str, object]], now: datetime) -> None:
@@ -223,5 +223,5 @@ def note_started(snap: Snapshot, rows: list[dict[str, object]], now: datetime) -
         d.baseline_p95_ms = float(base_p95) if isinstance(base_p95, int | float) else None
         d.baseline_power_mw = float(base_power) if isinstance(base_power, int | float) else None
         d.progress = d.stored = d.stored._replace(status=InstallStatus.PENDING)
-        d.facts = _facts(d, snap.measured.get(d.device_id, _NOT_MEASURED))
+        snap.put(d, _facts(d, snap.measured.get(d.device_id, _NOT_MEASURED)))
         snap.dirty.add(d.device_id)  # a check-in may already name the release

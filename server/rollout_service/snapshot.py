@@ -66,6 +66,21 @@ class Snapshot:
     measured: dict[str, Measured] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)  # devices whose facts must be rebuilt
     cursor_at: datetime | None = None  # when the stored event cursor was last moved on
+    listed: list[DeviceFacts] = field(default_factory=list)  # every device's facts, in place
+    slots: dict[str, int] = field(default_factory=dict)  # device id -> index in ``listed``
+
+    def put(self, d: TrackedDevice, facts: DeviceFacts) -> None:
+        """Set one device's facts (the list handed to the policy is updated in place)."""
+        d.facts = facts
+        slot = self.slots.get(d.device_id)
+        if slot is not None:
+            self.listed[slot] = facts
+
+    def all_facts(self) -> list[DeviceFacts]:
+        if len(self.listed) != len(self.devices):
+            self.listed = [d.facts for d in self.devices.values() if d.facts is not None]
+            self.slots = {f.device_id: i for i, f in enumerate(self.listed)}
+        return self.listed
 
 
 @dataclass(frozen=True)
