@@ -89,7 +89,8 @@ def bring_to_release_1(
     # previous release from what the server knows when it tells the device.
     def server_knows() -> bool:
         listed = op.call("GET", f"/api/v1/devices?tag=fleet={prefix}&limit=10000")
-        return sum((d.get("installed") or {}).get("release") == 1 for d in listed) >= count
+        known = sum((d.get("installed") or {}).get("release") == 1 for d in listed)
+        return bool(known >= count)
 
     wait_for("the server seeing release 1 everywhere", server_knows, TIMEOUT_S)
     windows = fleet.report().windows
