@@ -94,3 +94,15 @@ def test_a_scheduler_process_needs_postgresql(
 ) -> None:
     with pytest.raises(ConfigError, match="needs PostgreSQL"):
         server_factory(tmp_path / "server", rollout_scheduler="process")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"rollout_scheduler": "cron"}, "rollout_scheduler must be auto, thread or process"),
+    ({"http_threads": 0}, "http_threads must be within 1..256"),
+    ({"http_threads": 1000}, "http_threads must be within 1..256"),
+])  # fmt: skip
+def test_bad_scheduler_and_thread_settings_are_clear_errors(
+    server_factory: ServerFactory, tmp_path: Path, override: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        server_factory(tmp_path / "server", **override)
