@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.protocol import topics
 from agent.protocol.api import InstalledModel, checkin_body
 from agent.protocol.manifest import model_target_path
+from server.app_runner import ServerHandle
 
 FIXTURES = Path(__file__).parent / "fixtures"
 T = TypeVar("T")
@@ -209,3 +210,13 @@ class Telemetry:
             client.disconnect()
             client.loop_stop()
         self.clients.clear()
+
+
+def published_fleet(server: ServerHandle) -> Fleet:
+    """A ``Fleet`` on ``server`` with releases 1 and 2 published and 1 assigned to fleet=test."""
+    f = Fleet(server.url, server.operator_token, server.config.enrollment_tokens[0])
+    f.publish(1)
+    f.publish(2)
+    f.call("POST", "/api/v1/assignments", expect=201,
+           json={"name": "digits", "release": 1, "tag": "fleet=test"})
+    return f

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rollout_helpers import Fleet, SimDevice, Telemetry, wait_for
+from rollout_helpers import Fleet, SimDevice, Telemetry, published_fleet, wait_for
 from sqlalchemy import func, select
 
 from agent.protocol.manifest import model_target_path
@@ -51,12 +51,7 @@ def server(server_factory: ServerFactory, tmp_path: Path, db_url: str | None) ->
 
 @pytest.fixture
 def fleet(server: ServerHandle) -> Fleet:
-    f = Fleet(server.url, server.operator_token, server.config.enrollment_tokens[0])
-    f.publish(1)
-    f.publish(2)
-    f.call("POST", "/api/v1/assignments", expect=201,
-           json={"name": "digits", "release": 1, "tag": "fleet=test"})
-    return f
+    return published_fleet(server)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from rollout_helpers import Fleet, SimDevice, wait_for
+from rollout_helpers import Fleet, SimDevice, published_fleet, wait_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -43,12 +43,7 @@ def server(server_factory: ServerFactory, tmp_path: Path, db_url: str | None) ->
 
 @pytest.fixture
 def fleet(server: ServerHandle) -> Fleet:
-    f = Fleet(server.url, server.operator_token, server.config.enrollment_tokens[0])
-    f.publish(1)
-    f.publish(2)
-    f.call("POST", "/api/v1/assignments", expect=201,
-           json={"name": "digits", "release": 1, "tag": "fleet=test"})
-    return f
+    return published_fleet(server)
 
 
 def fresh_facts(db: Database, rollout_id: str, cfg: ServiceConfig) -> dict[str, DeviceFacts]:
@@ -132,11 +127,7 @@ def test_an_event_committed_after_a_higher_id_is_still_folded(
     server_factory: ServerFactory, tmp_path: Path, pg_url: str
 ) -> None:
     server = server_factory(tmp_path / "server", db_url=pg_url, rollout_tick_interval_s=3600)
-    f = Fleet(server.url, server.operator_token, server.config.enrollment_tokens[0])
-    f.publish(1)
-    f.publish(2)
-    f.call("POST", "/api/v1/assignments", expect=201,
-           json={"name": "digits", "release": 1, "tag": "fleet=test"})
+    f = published_fleet(server)
     cfg = ServiceConfig.from_server(server.config)
     devices: list[SimDevice] = f.enroll(2, tags=lambda i: {"fleet": "test"})
     f.bring_to(devices, 1)
@@ -178,11 +169,7 @@ def test_the_scheduler_reports_its_tick_time(
 ) -> None:
     server = server_factory(tmp_path / "server", rollout_tick_interval_s=0.2)
     assert metric(server, "edgefleet_rollout_ticks_total") == 0.0
-    f = Fleet(server.url, server.operator_token, server.config.enrollment_tokens[0])
-    f.publish(1)
-    f.publish(2)
-    f.call("POST", "/api/v1/assignments", expect=201,
-           json={"name": "digits", "release": 1, "tag": "fleet=test"})
+    f = published_fleet(server)
     devices = f.enroll(3, tags=lambda i: {"fleet": "test"})
     f.bring_to(devices, 1)
     rid = f.create(release="digits@2", select=["fleet=test"], stages="100%", soak="1h",

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from rollout_helpers import Fleet, wait_for
+from rollout_helpers import published_fleet, wait_for
 
 from server.app_runner import ServerHandle
 from server.errors import ConfigError
@@ -42,11 +42,7 @@ def test_a_rollout_completes_with_the_scheduler_in_its_own_process(
     assert isinstance(scheduler, SchedulerProcess)
     child = scheduler.pid
     assert child is not None and psutil.pid_exists(child)
-    f = Fleet(server.url, server.operator_token, server.config.enrollment_tokens[0])
-    f.publish(1)
-    f.publish(2)
-    f.call("POST", "/api/v1/assignments", expect=201,
-           json={"name": "digits", "release": 1, "tag": "fleet=test"})
+    f = published_fleet(server)
     devices = f.enroll(4, tags=lambda i: {"fleet": "test", "store": f"s{i}"})
     f.bring_to(devices, 1)
     rid = f.create(release="digits@2", select=["fleet=test"], stages="50%,100%", soak="0s",
