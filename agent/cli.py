@@ -13,12 +13,12 @@ from pathlib import Path
 from types import FrameType
 
 from agent import __version__
-from agent.client import DeviceClient
+from agent.common.errors import AgentError
 from agent.config import AgentConfig, load_config, render_config
 from agent.daemon import Agent, ensure_state_dir, resolve_profile
-from agent.errors import AgentError
 from agent.identity import hardware_id, load_identity, save_enrollment
-from agent.slots import SlotStore
+from agent.transport.device_api import DeviceClient
+from agent.update.slots import SlotStore
 
 log = logging.getLogger("edgefleet.agent")
 

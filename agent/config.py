@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from agent.common.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

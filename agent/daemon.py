@@ -15,22 +15,23 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, sdnotify
-from agent.client import DeviceClient
+from agent.common.errors import AgentError, ConfigError, SmokeTestError
 from agent.config import AgentConfig
-from agent.download import DownloadLimits
-from agent.errors import AgentError, ConfigError, SmokeTestError
-from agent.eventqueue import EventQueue, flush
-from agent.fetch import FetchLimits, TufFetcher
 from agent.identity import Identity, load_identity, pinned_root
-from agent.mqtt import MqttSettings, Publisher
-from agent.outbox import Outbox, OutboxConfig
-from agent.profiles import Profile, default_profiles_dir, detect_profile, load_profiles
+from agent.profiles.detect import detect_profile
+from agent.profiles.schema import Profile, default_profiles_dir, load_profiles
 from agent.protocol.manifest import ModelManifest
-from agent.sensors import idle_mw, make_sampler
-from agent.slots import SlotStore
-from agent.smoke import RuntimeChoice, golden_set_problem, score_golden_set, smoke_test
-from agent.trust import TrustClient
-from agent.updater import Updater
+from agent.telemetry.sensors import idle_mw, make_sampler
+from agent.transport.device_api import DeviceClient
+from agent.transport.event_queue import EventQueue, flush
+from agent.transport.mqtt import MqttSettings, Publisher
+from agent.transport.outbox import Outbox, OutboxConfig
+from agent.update.download import DownloadLimits
+from agent.update.fetch import FetchLimits, TufFetcher
+from agent.update.slots import SlotStore
+from agent.update.smoke import RuntimeChoice, golden_set_problem, score_golden_set, smoke_test
+from agent.update.trust import TrustClient
+from agent.update.updater import Updater
 from agent.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class Agent:
         }
 
     def _report(self, kind: str, state: str, detail: dict[str, Any]) -> None:
-        """Every event on MQTT now; its HTTP copy in the next batch (see ``agent.eventqueue``)."""
+        """Every event on MQTT now; its HTTP copy in the next batch (``transport.event_queue``)."""
         self.publisher.publish("events", {"type": kind, "state": state, "detail": detail})
         if self.events.add(kind, state, detail):
             self.flush_events()

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.atomic import atomic_write, atomic_write_json
-from agent.errors import ConfigError
+from agent.common.atomic import atomic_write, atomic_write_json
+from agent.common.errors import ConfigError
 from agent.protocol.api import EnrollResponse, MqttCredentials
 
 log = logging.getLogger(__name__)

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.errors import AgentError, ConfigError
-from agent.sampler import PowerWindow
-from agent.smoke import RuntimeChoice
-from agent.telemetry import TelemetryWindow
+from agent.common.errors import AgentError, ConfigError
+from agent.telemetry.sampler import PowerWindow
+from agent.telemetry.window import TelemetryWindow
+from agent.update.smoke import RuntimeChoice
 
 if TYPE_CHECKING:  # numpy and the runtime load with the first model, not at start-up
-    from agent.frames import FrameSource
-    from agent.inference import InferenceEngine
+    from agent.inference.classifier import InferenceEngine
+    from agent.inference.sources import FrameSource
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ class InferenceWorker:
         """
         new: _Active | None = None
         if model_path is not None and manifest is not None:
-            from agent.frames import open_source  # noqa: PLC0415 - numpy only with a model
-            from agent.inference import InferenceEngine  # noqa: PLC0415
+            from agent.inference.classifier import InferenceEngine  # noqa: PLC0415
+            from agent.inference.sources import open_source  # noqa: PLC0415 - numpy only with a model
 
             model = self.choice.load(model_path)
             try:

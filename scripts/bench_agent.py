@@ -53,14 +53,14 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
-from agent.frames import open_source  # noqa: E402
-from agent.mqtt import MqttSettings, Publisher  # noqa: E402
-from agent.outbox import Outbox  # noqa: E402
-from agent.profiles import Profile, load_profiles  # noqa: E402
-from agent.runtime import quantize  # noqa: E402
-from agent.sensors import idle_mw, make_sampler  # noqa: E402
-from agent.smoke import RuntimeChoice  # noqa: E402
-from agent.telemetry import TelemetryWindow  # noqa: E402
+from agent.inference.runtime import quantize  # noqa: E402
+from agent.inference.sources import open_source  # noqa: E402
+from agent.profiles.schema import Profile, load_profiles  # noqa: E402
+from agent.telemetry.sensors import idle_mw, make_sampler  # noqa: E402
+from agent.telemetry.window import TelemetryWindow  # noqa: E402
+from agent.transport.mqtt import MqttSettings, Publisher  # noqa: E402
+from agent.transport.outbox import Outbox  # noqa: E402
+from agent.update.smoke import RuntimeChoice  # noqa: E402
 from agent.worker import InferenceWorker  # noqa: E402
 
 MODEL = ROOT / "tests" / "fixtures" / "mobilenetv2_int8.tflite"
@@ -115,7 +115,7 @@ def agent_command() -> list[str]:
 
 
 def enroll(tmp: Path, profile: str) -> tuple[Path, Any]:
-    from server.app_runner import start_server  # noqa: PLC0415 - only part 1 needs it
+    from server.app import start_server  # noqa: PLC0415 - only part 1 needs it
     from server.config import ServerConfig  # noqa: PLC0415
 
     handle = start_server(ServerConfig(data_dir=tmp / "server", port=0, log_level="warning"))

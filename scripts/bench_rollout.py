@@ -52,7 +52,7 @@ from psycopg import sql  # noqa: E402
 from agent.protocol.api import DesiredTarget, InstalledModel, MqttCredentials  # noqa: E402
 from agent.protocol.manifest import model_target_path  # noqa: E402
 from server.config import parse_mqtt_url  # noqa: E402
-from server.db import Database  # noqa: E402
+from server.db.tables import Database  # noqa: E402
 from server.simulator import Fleet, FleetThread, SimConfig, WindowSpec, build_behaviour  # noqa: E402
 from server.simulator.provision import provision  # noqa: E402
 

@@ -30,7 +30,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.app_runner import ServerHandle, start_server  # noqa: E402
+from server.app import ServerHandle, start_server  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from agent.atomic import atomic_write
+from agent.common.atomic import atomic_write
 from server.errors import ConfigError
 
 log = logging.getLogger(__name__)

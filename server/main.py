@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 from server import __version__
-from server.app_runner import start_server
+from server.app import start_server
 from server.config import OPERATOR_TOKEN_ENV, ServerConfig
 from server.errors import ConfigError, ServerError
 

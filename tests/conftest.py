@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 
 if TYPE_CHECKING:
-    from server.app_runner import ServerHandle
+    from server.app import ServerHandle
     from server.config import ServerConfig
 
 # The server stack is imported inside the fixtures, so agent-only test runs stay light.
@@ -133,7 +133,7 @@ def server_config(data_dir: Path, **overrides: Any) -> ServerConfig:
 
 def _stop(handle: ServerHandle) -> None:
     from server.errors import ServerError  # noqa: PLC0415
-    from server.ingest import discard_session  # noqa: PLC0415
+    from server.mqtt.ingest import discard_session  # noqa: PLC0415
 
     handle.stop()
     endpoint = handle.config.mqtt_endpoint()
@@ -150,7 +150,7 @@ def server_factory() -> Iterator[ServerFactory]:
     The handle carries ``url``, ``operator_token``, ``mqtt_host``/``mqtt_port``
     and ``config.enrollment_tokens[0]``; every server is stopped at teardown.
     """
-    from server.app_runner import start_server  # noqa: PLC0415
+    from server.app import start_server  # noqa: PLC0415
 
     handles: list[ServerHandle] = []
 
@@ -169,7 +169,7 @@ def server_factory() -> Iterator[ServerFactory]:
 @pytest.fixture(scope="module")
 def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     """One SQLite + embedded-broker server shared by a test module (for read-mostly tests)."""
-    from server.app_runner import start_server  # noqa: PLC0415
+    from server.app import start_server  # noqa: PLC0415
 
     handle = start_server(server_config(tmp_path_factory.mktemp("server")))
     yield handle

@@ -24,7 +24,7 @@ from conftest import service_unavailable
 from paho.mqtt.enums import CallbackAPIVersion
 
 from server.cli import main as cli_main
-from server.mqtt_acl import build_files, ingest_password_hash
+from server.mqtt.acl import build_files, ingest_password_hash
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 INGEST_USER = "edgefleet-ingest"

@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.protocol import topics
 from agent.protocol.api import InstalledModel, checkin_body
 from agent.protocol.manifest import model_target_path
-from server.app_runner import ServerHandle
+from server.app import ServerHandle
 
 FIXTURES = Path(__file__).parent / "fixtures"
 T = TypeVar("T")

@@ -28,7 +28,7 @@ _STOP_TIMEOUT_S = 30.0
 def _serve(config: ServerConfig, conn: Connection) -> None:
     import logging  # noqa: PLC0415 - in the child only
 
-    from server.app_runner import start_server  # noqa: PLC0415
+    from server.app import start_server  # noqa: PLC0415
 
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("amqtt", "transitions"):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.common.errors import ConfigError
 from agent.config import AgentConfig, load_config, render_config
-from agent.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.atomic import atomic_symlink, atomic_write, atomic_write_chunks, atomic_write_json
-from agent.errors import UpdateError
-from agent.slots import SlotStore
+from agent.common.atomic import atomic_symlink, atomic_write, atomic_write_chunks, atomic_write_json
+from agent.common.errors import UpdateError
+from agent.update.slots import SlotStore
 
 
 def test_atomic_write_replaces_content_and_sets_mode(tmp_path: Path) -> None:

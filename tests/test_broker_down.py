@@ -22,8 +22,8 @@ from fleet_helpers import Operator, enroll_agent, wait_for
 from mosquitto_proc import Mosquitto, Peer, wait_login
 
 from agent.protocol import topics
-from server.app_runner import ServerHandle
-from server.rollups import IngestMessage
+from server.app import ServerHandle
+from server.telemetry.writer import IngestMessage
 
 OUTAGE_WINDOWS = 4  # telemetry windows the agent produces while the broker is down
 

@@ -15,7 +15,8 @@ import pytest
 import requests
 
 from server import cli
-from server.app_runner import ServerHandle
+from server.app import ServerHandle
+from server.cli.common import SERVER_ENV, TOKEN_ENV
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ServerFactory = Callable[..., ServerHandle]
@@ -134,7 +135,7 @@ def test_token_sources_and_auth_errors(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv(cli.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
     base = ["--server", module_server.url]
     code, _, err = run_cli(capsys, *base, "model", "list")
     assert code == 1 and "no operator token" in err
@@ -143,7 +144,7 @@ def test_token_sources_and_auth_errors(
     assert run_cli(capsys, *base, "--token-file", str(token_file), "model", "list")[0] == 0
     code, _, err = run_cli(capsys, *base, "--token-file", str(tmp_path / "nope"), "model", "list")
     assert code == 1 and "cannot read token file" in err
-    monkeypatch.setenv(cli.TOKEN_ENV, module_server.operator_token)
+    monkeypatch.setenv(TOKEN_ENV, module_server.operator_token)
     assert run_cli(capsys, *base, "device", "list")[0] == 0
     code, _, err = run_cli(capsys, *base, "--token", "wrong", "device", "list")
     assert (
@@ -166,7 +167,7 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_connection_refused_is_one_clear_line(free_port: int) -> None:
-    env = {k: v for k, v in os.environ.items() if k != cli.SERVER_ENV}
+    env = {k: v for k, v in os.environ.items() if k != SERVER_ENV}
     proc = subprocess.run(
         [
             sys.executable,

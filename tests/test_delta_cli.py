@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli_delta import (
+from server.cli.delta import (
     EXIT_CORRUPT,
     EXIT_IO,
     EXIT_TRUNCATED,

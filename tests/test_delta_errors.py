@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.common.errors import AgentError
 from agent.delta import (
     CorruptPatchError,
     DeltaConfig,
@@ -22,7 +23,6 @@ from agent.delta import (
     make_patch_bytes,
     read_header,
 )
-from agent.errors import AgentError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 R1 = (FIXTURES / "digits_int8_r1.tflite").read_bytes()

@@ -20,9 +20,9 @@ from agent.protocol.api import (
     InstalledModel,
     checkin_body,
 )
-from server.app_runner import ServerHandle
-from server.bandwidth import Download
-from server.db import Assignment, Event, utcnow
+from server.app import ServerHandle
+from server.db.tables import Assignment, Event, utcnow
+from server.telemetry.bandwidth import Download
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LABELS = ",".join(str(i) for i in range(10))

@@ -1,4 +1,4 @@
-"""agent.download against a real HTTP server on 127.0.0.1 with injected faults."""
+"""agent.update.download against a real HTTP server on 127.0.0.1 with injected faults."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 from tuf_sim import Fault, RepoServer
 
-from agent.download import DownloadError, DownloadLimits, DownloadResult, download, target_url
-from agent.errors import ProtocolError, UpdateError, VerificationError
+from agent.common.errors import ProtocolError, UpdateError, VerificationError
+from agent.update.download import (
+    DownloadError,
+    DownloadLimits,
+    DownloadResult,
+    download,
+    target_url,
+)
 
 DATA = bytes(range(256)) * 1024  # 256 KiB, several chunks
 SHA = hashlib.sha256(DATA).hexdigest()

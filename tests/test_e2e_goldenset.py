@@ -10,10 +10,10 @@ import pytest
 import requests
 from fleet_helpers import FIXTURES, Operator, enroll_agent
 
-from agent.goldenset import GoldenSetSpec
-from server import store
-from server.goldenset import golden_set_path
-from server.registry import publish_model
+from agent.inference.scoring import GoldenSetSpec
+from server.db import queries
+from server.publish.golden_sets import golden_set_path
+from server.publish.registry import publish_model
 
 LABELS = tuple(str(i) for i in range(10))
 
@@ -78,7 +78,7 @@ def test_golden_set_is_scored_on_publish_and_on_the_device(
             labels=LABELS, extra=extra,
         )  # fmt: skip
         with srv.db.session() as s:
-            store.add_model(s, manifest)
+            queries.add_model(s, manifest)
         op.assign(2, tag="fleet=test")
         assert agent.checkin_once() is False
         assert agent.updater.installed().release == 1  # type: ignore[union-attr]

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from fleet_helpers import Operator
 
-from agent.client import DeviceClient
-from agent.errors import AgentError, ProtocolError, ServerRequestError, UpdateError
-from agent.eventqueue import EventQueue, PendingEvent, batch_body, flush
+from agent.common.errors import AgentError, ProtocolError, ServerRequestError, UpdateError
 from agent.protocol.api import EVENTS_BATCH_PATH, MAX_EVENT_BATCH
-from agent.statemachine import Event, State, UpdateRecord
+from agent.transport.device_api import DeviceClient
+from agent.transport.event_queue import EventQueue, PendingEvent, batch_body, flush
+from agent.update.state_machine import Event, State, UpdateRecord
 
 if TYPE_CHECKING:
-    from server.app_runner import ServerHandle
+    from server.app import ServerHandle
 
 
 class Clock:

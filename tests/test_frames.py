@@ -1,4 +1,4 @@
-"""agent.frames on real image and array files."""
+"""agent.inference.sources on real image and array files."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from agent.errors import FrameSourceError
-from agent.frames import DirSource, FrameConfig, frame_shape, open_source
+from agent.common.errors import FrameSourceError
+from agent.inference.sources import DirSource, FrameConfig, frame_shape, open_source
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_frames"
 SHAPE = (1, 32, 32, 3)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from agent.histogram import HistogramConfig, LatencyHistogram
+from agent.telemetry.histogram import HistogramConfig, LatencyHistogram
 
 QUANTILES = (0.0, 1.0, 25.0, 50.0, 90.0, 95.0, 99.0, 99.9, 100.0)
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server import latency_sketch
+from server.telemetry import latency_sketch
 
 
 def test_sketch_reads_back_a_windows_own_p95() -> None:

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.protocol import topics
-from server.app_runner import ServerHandle
+from server.app import ServerHandle
 
 WAIT_S = 20.0
 METRICS_TOKEN = "metrics-" + secrets.token_urlsafe(16)

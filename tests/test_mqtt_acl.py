@@ -21,11 +21,11 @@ from mosquitto_proc import INGEST_USER, Mosquitto, Peer, connack, wait_login
 
 from agent.protocol import topics
 from agent.protocol.api import EnrollResponse
-from server import store
-from server.app_runner import ServerHandle
+from server.app import ServerHandle
 from server.cli import main as cli_main
+from server.db import queries
 from server.errors import ConfigError
-from server.mqtt_acl import build_files, device_acl, ingest_password_hash
+from server.mqtt.acl import build_files, device_acl, ingest_password_hash
 
 WAIT_S = 20.0
 
@@ -45,7 +45,7 @@ def enroll(server: ServerHandle, hw: str) -> EnrollResponse:
 
 def latest(server: ServerHandle, device_id: str) -> dict[str, dict[str, Any]]:
     with server.db.session() as s:
-        return {t.channel: t.payload for t in store.latest_telemetry(s, device_id)}
+        return {t.channel: t.payload for t in queries.latest_telemetry(s, device_id)}
 
 
 def wait_for(predicate: Callable[[], bool]) -> bool:
@@ -148,7 +148,7 @@ def test_export_acl_writes_files_a_mosquitto_accepts(
     assert stat.S_IMODE((out / "passwd").stat().st_mode) == 0o600
     (line,) = passwd.splitlines()
     user, _, digest = line.partition(":")
-    assert user == dev.device_id and store.mosquitto_verify(dev.mqtt.password, digest)
+    assert user == dev.device_id and queries.mosquitto_verify(dev.mqtt.password, digest)
     assert "\n".join(device_acl(dev.device_id)) in acl
     assert f"topic read {topics.PREFIX}/+/+" in acl
     first = (out / "acl").read_bytes()
@@ -163,7 +163,7 @@ def test_export_acl_writes_files_a_mosquitto_accepts(
 
 
 def test_acl_rules_and_garbage_rows() -> None:
-    good_hash = store.mosquitto_hash("pw")
+    good_hash = queries.mosquitto_hash("pw")
     files = build_files(
         [
             ("dev-b", good_hash),
@@ -189,8 +189,8 @@ def test_acl_rules_and_garbage_rows() -> None:
     ]
     ingest_hash = ingest_password_hash(INGEST_USER, "secret")
     assert ingest_hash == ingest_password_hash(INGEST_USER, "secret")
-    assert store.mosquitto_verify("secret", ingest_hash)
-    assert not store.mosquitto_verify("other", ingest_hash)
+    assert queries.mosquitto_verify("secret", ingest_hash)
+    assert not queries.mosquitto_verify("other", ingest_hash)
     for bad_user in ("edgefleet:server", "with space", ""):
         with pytest.raises(ConfigError):
             build_files([], bad_user, None)

@@ -30,10 +30,10 @@ from cryptography.x509.oid import NameOID
 from mosquitto_proc import Mosquitto, TlsFiles, wait_login
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt import MqttSettings, Publisher
-from agent.outbox import Outbox
-from server import store
-from server.app_runner import ServerHandle
+from agent.transport.mqtt import MqttSettings, Publisher
+from agent.transport.outbox import Outbox
+from server.app import ServerHandle
+from server.db import queries
 from server.errors import ConfigError
 
 WAIT_S = 20.0
@@ -200,7 +200,7 @@ def test_tls_publisher_with_the_ca_gets_through_and_others_are_refused(
 
         def stored() -> bool:
             with server.db.session() as s:
-                rows = {t.channel: t.payload for t in store.latest_telemetry(s, dev["device_id"])}
+                rows = {t.channel: t.payload for t in queries.latest_telemetry(s, dev["device_id"])}
             return rows.get("telemetry", {}).get("over") == "tls"
 
         assert wait_for(stored)

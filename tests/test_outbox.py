@@ -9,7 +9,7 @@ from typing import cast
 
 import pytest
 
-from agent.outbox import Outbox, OutboxConfig, OutboxError
+from agent.transport.outbox import Outbox, OutboxConfig, OutboxError
 
 TOPIC = "edgefleet/v1/devices/cam-1/telemetry"
 ROW = len(TOPIC) + 64  # per-message overhead with the default config

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.power import (
+from agent.common.errors import ConfigError
+from agent.telemetry.power import (
     EstimateReader,
     HwmonIna3221Reader,
     IioIna3221xReader,
@@ -19,7 +19,7 @@ from agent.power import (
     make_power_reader,
     make_resilient_power_reader,
 )
-from agent.power.estimate import CpuTimes, estimate_mw, psutil_cpu_times, utilisation
+from agent.telemetry.power.estimate import CpuTimes, estimate_mw, psutil_cpu_times, utilisation
 
 
 def test_linear_model() -> None:

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import SensorError
-from agent.power import (
+from agent.common.errors import SensorError
+from agent.telemetry.power import (
     HwmonIna3221Reader,
     IioIna3221xReader,
     make_power_reader,
     make_resilient_power_reader,
 )
-from agent.power.hwmon_ina3221 import is_skipped_label
-from agent.power.sysfs import find_hwmon
+from agent.telemetry.power.hwmon_ina3221 import is_skipped_label
+from agent.telemetry.power.sysfs import find_hwmon
 
 SYSFS = Path(__file__).parent / "sysfs"
 
@@ -91,7 +91,7 @@ def test_broken_sensor_falls_back_to_estimate_and_logs_once(
     reader = make_resilient_power_reader(
         "hwmon_ina3221", root, {"idle_w": 3.0, "load_w": 10.0}
     )
-    with caplog.at_level(logging.WARNING, logger="agent.power"):
+    with caplog.at_level(logging.WARNING, logger="agent.telemetry.power"):
         samples = [reader.read() for _ in range(3)]
     assert all(s.source == "estimate" for s in samples)
     assert all(3000.0 <= s.mw <= 10000.0 for s in samples)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import SensorError
-from agent.power import RaplReader, make_resilient_power_reader
-from agent.power.rapl import mean_mw, rapl_delta_uj
+from agent.common.errors import SensorError
+from agent.telemetry.power import RaplReader, make_resilient_power_reader
+from agent.telemetry.power.rapl import mean_mw, rapl_delta_uj
 
 SYSFS = Path(__file__).parent / "sysfs"
 MAX_RANGE = 262143328850

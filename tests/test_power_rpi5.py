@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import SensorError
-from agent.power import Rpi5PmicReader, make_power_reader, make_resilient_power_reader
-from agent.power.rpi5_pmic import parse_pmic_read_adc, pmic_sample
+from agent.common.errors import SensorError
+from agent.telemetry.power import Rpi5PmicReader, make_power_reader, make_resilient_power_reader
+from agent.telemetry.power.rpi5_pmic import parse_pmic_read_adc, pmic_sample
 
 CAPTURED = Path(__file__).parent / "sysfs" / "rpi5" / "vcgencmd"
 PMIC_TEXT = (CAPTURED / "pmic_read_adc.txt").read_text()

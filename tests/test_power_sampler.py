@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.power import HwmonIna3221Reader, make_resilient_power_reader
-from agent.sampler import PowerSampler, SamplerConfig, energy_per_inference
-from agent.thermal import ThermalReader
+from agent.common.errors import ConfigError
+from agent.telemetry.power import HwmonIna3221Reader, make_resilient_power_reader
+from agent.telemetry.sampler import PowerSampler, SamplerConfig, energy_per_inference
+from agent.telemetry.thermal import ThermalReader
 
 SYSFS = Path(__file__).parent / "sysfs"
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ProfileError
-from agent.profiles import (
+from agent.common.errors import ProfileError
+from agent.profiles.detect import detect_profile
+from agent.profiles.schema import (
     PROFILES_DIR_ENV,
     Profile,
     ProfileFileError,
     default_profiles_dir,
-    detect_profile,
     load_profile,
     load_profiles,
     under_root,

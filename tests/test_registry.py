@@ -1,4 +1,4 @@
-"""server.registry and agent.golden on the real fixture models with real LiteRT."""
+"""server.publish.registry and agent.golden on the real fixture models with real LiteRT."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as schema
 
-from agent.golden import compare_golden, golden_input_array
+from agent.inference.smoke_vector import compare_golden, golden_input_array
 from agent.protocol.manifest import ModelManifest, model_target_path
 from server.errors import ConflictError, InvalidInputError, ModelValidationError
-from server.keys import init_keys
-from server.registry import (
+from server.publish.keys import init_keys
+from server.publish.registry import (
     build_manifest,
     check_golden,
     inspect_model,
@@ -24,7 +24,7 @@ from server.registry import (
     make_golden,
     publish_model,
 )
-from server.tuf_repo import TufRepository
+from server.publish.tuf_repo import TufRepository
 
 FIXTURES = Path(__file__).parent / "fixtures"
 INT8 = FIXTURES / "digits_int8_r1.tflite"

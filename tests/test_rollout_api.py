@@ -16,9 +16,9 @@ import requests
 from conftest import server_config
 from rollout_helpers import Fleet, SimDevice
 
-from server.app_runner import ServerHandle, start_server
+from server.app import ServerHandle, start_server
 from server.cli import main as cli_main
-from server.rollout_service import ServiceConfig, tick
+from server.rollout.service import ServiceConfig, tick
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from server.rollout.cohorts import (
+from server.rollout.core.cohorts import (
     CohortConfig,
     assign_cohorts,
     assign_stages,
     cohort_order,
     stage_sizes,
 )
-from server.rollout.spec import build_spec, parse_stage_sizes
-from server.rollout.states import DeviceFacts
+from server.rollout.core.spec import build_spec, parse_stage_sizes
+from server.rollout.core.states import DeviceFacts
 
 
 def fleet(n: int = 200, stores: int = 20, regions: int = 4) -> list[DeviceFacts]:

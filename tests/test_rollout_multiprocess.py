@@ -27,9 +27,9 @@ from sqlalchemy import func, select
 
 from agent.protocol.api import InstalledModel, checkin_body
 from agent.protocol.manifest import model_target_path
-from server import store
-from server.db import Assignment, Database
-from server.rollout_service import RolloutDevice, RolloutHistory
+from server.db import queries
+from server.db.tables import Assignment, Database
+from server.rollout.service import RolloutDevice, RolloutHistory
 
 DEVICES = 300
 SERVER_BIN = Path(sys.executable).parent / "edgefleet-server"
@@ -100,7 +100,7 @@ def servers(pg_url: str, tmp_path: Path) -> Iterator[tuple[list[ServerProcess], 
 def enroll_fleet(db: Database) -> list[tuple[str, str]]:
     with db.session() as s:
         creds = [
-            store.enroll_device(
+            queries.enroll_device(
                 s, hardware_id=f"hw-mp-{i}", profile="rpi4", variant_preference=["int8-cpu"],
                 tags={"fleet": "mp", "store": f"s{i % 30}", "region": f"r{i % 5}"},
                 agent_version="0.1.0",

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.rollout.cohorts import assign_cohorts
-from server.rollout.gates import (
+from server.rollout.core.cohorts import assign_cohorts
+from server.rollout.core.gates import (
     ERROR_THRESHOLD,
     GOLDEN_ACCURACY,
     INSTALL_FAILURE_RATE,
@@ -20,9 +20,9 @@ from server.rollout.gates import (
     POWER_REGRESSION,
     SUCCESS_THRESHOLD,
 )
-from server.rollout.policy import DecisionKind, FactsError, RolloutFacts, decide
-from server.rollout.spec import RolloutSpec, build_spec
-from server.rollout.states import (
+from server.rollout.core.policy import DecisionKind, FactsError, RolloutFacts, decide
+from server.rollout.core.spec import RolloutSpec, build_spec
+from server.rollout.core.states import (
     Action,
     DeviceFacts,
     InstallStatus,

@@ -19,12 +19,12 @@ from rollout_helpers import Fleet, SimDevice, Telemetry, published_fleet, wait_f
 from sqlalchemy import func, select
 
 from agent.protocol.manifest import model_target_path
-from server.app_runner import ServerHandle
-from server.db import Assignment, TelemetryRollup, utcnow
+from server.app import ServerHandle
+from server.db.tables import Assignment, TelemetryRollup, utcnow
 from server.errors import ConflictError, NotFoundError
-from server.rollout.spec import build_spec
-from server.rollout.states import Action, InstallStatus, TransitionError
-from server.rollout_service import (
+from server.rollout.core.spec import build_spec
+from server.rollout.core.states import Action, InstallStatus, TransitionError
+from server.rollout.service import (
     RevertRefusedError,
     RolloutHistory,
     ServiceConfig,
@@ -33,7 +33,7 @@ from server.rollout_service import (
     perform,
     tick,
 )
-from server.rollout_service.signals import Progress, ReleaseMatch, fold_checkin, fold_event
+from server.rollout.service.signals import Progress, ReleaseMatch, fold_checkin, fold_event
 
 ServerFactory = Callable[..., ServerHandle]
 S = InstallStatus

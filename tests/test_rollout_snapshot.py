@@ -18,15 +18,15 @@ from rollout_helpers import Fleet, SimDevice, published_fleet, wait_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server import store
-from server.app_runner import ServerHandle
-from server.db import Database, utcnow
-from server.rollout.spec import RolloutSpec
-from server.rollout.states import DeviceFacts, InstallStatus
-from server.rollout_service import Rollout, ServiceConfig, tick
-from server.rollout_service.facts import collect
-from server.rollout_service.records import spec_of
-from server.rollout_service.snapshot import CACHE
+from server.app import ServerHandle
+from server.db import queries
+from server.db.tables import Database, utcnow
+from server.rollout.core.spec import RolloutSpec
+from server.rollout.core.states import DeviceFacts, InstallStatus
+from server.rollout.service import Rollout, ServiceConfig, tick
+from server.rollout.service.facts import collect
+from server.rollout.service.records import spec_of
+from server.rollout.service.snapshot import CACHE
 
 ServerFactory = Callable[..., ServerHandle]
 
@@ -139,10 +139,10 @@ def test_an_event_committed_after_a_higher_id_is_still_folded(
     commit = {"target": target, "slot": "b", "reason": None}
     slow = Session(server.db.engine)  # an insert that takes its id now and commits later
     try:
-        store.add_event(slow, a, "update", state="commit", detail=commit, source="http")
+        queries.add_event(slow, a, "update", state="commit", detail=commit, source="http")
         slow.flush()
         with server.db.session() as s:  # a higher id, committed first
-            store.add_event(s, b, "update", state="commit", detail=commit, source="http")
+            queries.add_event(s, b, "update", state="commit", detail=commit, source="http")
         assert tick(server.db, rid, cfg) is not None
         facts = kept_facts(server.db, rid)
         assert facts[b].status is InstallStatus.INSTALLED

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from server.errors import InvalidInputError
-from server.rollout.cron import parse_cron, parse_window
-from server.rollout.spec import (
+from server.rollout.core.cron import parse_cron, parse_window
+from server.rollout.core.spec import (
     ReleaseRef,
     RolloutSpec,
     build_spec,
@@ -18,7 +18,7 @@ from server.rollout.spec import (
     parse_selector,
     parse_stage_sizes,
 )
-from server.rollout.units import (
+from server.rollout.core.units import (
     Amount,
     format_duration,
     parse_amount,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from server.errors import ConflictError, InvalidInputError
-from server.rollout.states import (
+from server.rollout.core.states import (
     FINAL,
     TRANSITIONS,
     Action,

@@ -1,4 +1,4 @@
-"""agent.inference: real frames through the real INT8 digits model under LiteRT."""
+"""agent.inference.classifier: real frames through the real INT8 digits model under LiteRT."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import ConfigError, ModelError
-from agent.frames import open_source
-from agent.inference import InferenceEngine, load_labels
-from agent.runtime import Model, load_model
+from agent.common.errors import ConfigError, ModelError
+from agent.inference.classifier import InferenceEngine, load_labels
+from agent.inference.runtime import Model, load_model
+from agent.inference.sources import open_source
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "golden_frames"

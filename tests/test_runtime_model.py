@@ -1,4 +1,4 @@
-"""agent.runtime against real LiteRT on the committed fixtures.
+"""agent.inference.runtime against real LiteRT on the committed fixtures.
 
 Quantization is checked two ways: against the parameters LiteRT itself reports,
 and bit-for-bit against LiteRT's own QUANTIZE kernel on a one-op model.
@@ -17,8 +17,8 @@ import pytest
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter
 
-from agent.errors import ModelError, RuntimeUnavailableError
-from agent.runtime import (
+from agent.common.errors import ModelError, RuntimeUnavailableError
+from agent.inference.runtime import (
     RUNTIME_TYPES,
     Model,
     dequantize,

@@ -16,9 +16,9 @@ import pytest
 import requests
 from rollout_helpers import published_fleet, wait_for
 
-from server.app_runner import ServerHandle
+from server.app import ServerHandle
 from server.errors import ConfigError
-from server.scheduler_process import SchedulerProcess
+from server.rollout.scheduler import SchedulerProcess
 
 ServerFactory = Callable[..., ServerHandle]
 ROOT = Path(__file__).resolve().parent.parent

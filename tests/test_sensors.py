@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.power.rpi5_pmic import pmic_sample
-from agent.profiles import Profile, load_profiles
-from agent.sampler import PowerWindow
-from agent.sensors import (
+from agent.common.errors import ConfigError
+from agent.profiles.schema import Profile, load_profiles
+from agent.telemetry.power.rpi5_pmic import pmic_sample
+from agent.telemetry.sampler import PowerWindow
+from agent.telemetry.sensors import (
     SensorConfig,
     extra_zone_name,
     idle_mw,

@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from agent.client import DeviceClient
-from agent.errors import ServerRequestError
+from agent.common.errors import ServerRequestError
 from agent.protocol.api import CheckinResponse, EnrollResponse, InstalledModel, checkin_body
-from server.app_runner import ServerHandle
+from agent.transport.device_api import DeviceClient
+from server.app import ServerHandle
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODEL_R1 = FIXTURES / "digits_int8_r1.tflite"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from server.app_runner import ServerHandle
+from server.app import ServerHandle
 
 ServerFactory = Callable[..., ServerHandle]
 

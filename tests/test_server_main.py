@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from server import __version__
-from server.app_runner import start_server
+from server.app import start_server
 from server.config import ServerConfig
 from server.errors import ConfigError
 

@@ -22,9 +22,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import topics
 from agent.protocol.api import EnrollResponse
-from server import store
-from server.app_runner import ServerHandle
-from server.broker import INTERNAL_USERNAME
+from server.app import ServerHandle
+from server.db import queries
+from server.mqtt.broker import INTERNAL_USERNAME
 
 WAIT_S = 20.0
 ServerFactory = Callable[..., ServerHandle]
@@ -112,7 +112,7 @@ def device_peer(make: Callable[..., Peer], dev: EnrollResponse, **kw: Any) -> Pe
 
 def latest(server: ServerHandle, device_id: str) -> dict[str, dict[str, Any]]:
     with server.db.session() as s:
-        return {t.channel: t.payload for t in store.latest_telemetry(s, device_id)}
+        return {t.channel: t.payload for t in queries.latest_telemetry(s, device_id)}
 
 
 def wait_for(predicate: Callable[[], bool]) -> bool:

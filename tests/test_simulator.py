@@ -12,13 +12,12 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ProtocolError
+from agent.common.errors import ProtocolError
 from agent.protocol.api import EVENTS_BATCH_PATH
 from agent.protocol.manifest import Golden, ModelManifest
-from agent.statemachine import Event, UpdateRecord
-from agent.telemetry import TelemetryWindow
+from agent.telemetry.window import TelemetryWindow
+from agent.update.state_machine import Event, UpdateRecord
 from server.errors import InvalidInputError
-from server.rollup_values import RollupValues
 from server.simulator import (
     ProfileBehaviour,
     SharedArtifacts,
@@ -34,6 +33,7 @@ from server.simulator.http import DeviceHttp
 from server.simulator.http_pool import HttpPool, HttpPoolError, PoolLimits
 from server.simulator.payloads import latency_summary, telemetry_window
 from server.simulator.stats import FleetStats
+from server.telemetry.windows import RollupValues
 
 LABELS = ",".join(str(i) for i in range(10))
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from fleet_helpers import FIXTURES, Operator, wait_for
 
-from agent.errors import VerificationError
+from agent.common.errors import VerificationError
 from agent.protocol.api import DesiredTarget, MqttCredentials
-from server.app_runner import ServerHandle
+from server.app import ServerHandle
 from server.simulator import Fleet, FleetThread, SimConfig, WindowSpec, build_behaviour
 from server.simulator.artifacts import SharedArtifacts
 from server.simulator.mqtt_link import LinkLimits, MqttLink

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.errors import AgentError
-from agent.statemachine import (
+from agent.common.errors import AgentError
+from agent.update.state_machine import (
     DURABLE,
     TRANSITIONS,
     Event,

@@ -20,12 +20,18 @@ from mosquitto_proc import Peer
 from sqlalchemy import func, select
 
 from agent.protocol import topics
-from server import store
-from server.app_runner import ServerHandle
-from server.db import Database, Event, TelemetryRollup, utcnow
-from server.rollup_store import IngestMessage, RollupConfig, RollupQuery, query_rollups, write_batch
-from server.rollup_values import Cursor, RollupValues, is_repeat, window_time
-from server.rollups import RollupWriter
+from server.app import ServerHandle
+from server.db import queries
+from server.db.tables import Database, Event, TelemetryRollup, utcnow
+from server.telemetry.storage import (
+    IngestMessage,
+    RollupConfig,
+    RollupQuery,
+    query_rollups,
+    write_batch,
+)
+from server.telemetry.windows import Cursor, RollupValues, is_repeat, window_time
+from server.telemetry.writer import RollupWriter
 
 CFG = RollupConfig()
 
@@ -159,7 +165,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
 
 def enroll(db: Database, hw: str, profile: str = "rpi4") -> str:
     with db.session() as s:
-        creds = store.enroll_device(
+        creds = queries.enroll_device(
             s,
             hardware_id=hw,
             profile=profile,
@@ -209,9 +215,9 @@ def test_a_batch_dedupes_rolls_up_and_keeps_the_latest(db: Database) -> None:
     assert rows[(other, 2, "estimate")].profile == "jetson-orin-nano"
     assert rows[(cam, 3, "sensor")].outbox_dropped == 7
     with db.session() as s:
-        latest = {t.channel: t.payload for t in store.latest_telemetry(s, cam)}
+        latest = {t.channel: t.payload for t in queries.latest_telemetry(s, cam)}
         events = [e.type for e in s.scalars(select(Event).where(Event.device_id == cam))]
-        last_seen = store.get_device(s, cam).last_seen
+        last_seen = queries.get_device(s, cam).last_seen
     assert latest["telemetry"]["seq"] == 4 and latest["events"]["state"] == "commit"
     assert "update" in events and "outbox_dropped" in events
     assert last_seen is not None

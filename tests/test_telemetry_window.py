@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.errors import ConfigError, ModelError
-from agent.profiles import load_profiles
-from agent.sampler import PowerSampler, PowerWindow
-from agent.sensors import idle_mw, make_sampler
-from agent.smoke import RuntimeChoice
-from agent.telemetry import TelemetryWindow, power_fields, thermal_fields
-from agent.thermal import ThermalSample, decode_throttled
+from agent.common.errors import ConfigError, ModelError
+from agent.profiles.schema import load_profiles
+from agent.telemetry.sampler import PowerSampler, PowerWindow
+from agent.telemetry.sensors import idle_mw, make_sampler
+from agent.telemetry.thermal import ThermalSample, decode_throttled
+from agent.telemetry.window import TelemetryWindow, power_fields, thermal_fields
+from agent.update.smoke import RuntimeChoice
 from agent.worker import InferenceWorker, WorkerLimits
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError, SensorError
-from agent.thermal import (
+from agent.common.errors import ConfigError, SensorError
+from agent.telemetry.thermal import (
     ThermalConfig,
     ThermalReader,
     decode_throttled,
@@ -161,7 +161,7 @@ def test_reader_keeps_what_works_and_logs_each_failure_once(
     for zone in (root / "sys/class/thermal").glob("thermal_zone*"):
         (zone / "temp").write_bytes(b"\x00\xff")
     reader = ThermalReader.from_config(ThermalConfig(root=str(root), throttle_method="soctherm_oc"))
-    with caplog.at_level(logging.WARNING, logger="agent.thermal"):
+    with caplog.at_level(logging.WARNING, logger="agent.telemetry.thermal"):
         samples = [reader.read() for _ in range(3)]
     sample = samples[-1]
     assert sample.zones_c == {} and sample.max_c is None

@@ -17,13 +17,14 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, TargetFile
 from tuf_sim import RepoServer, resign
 
-from agent.download import DownloadLimits, download, target_url
-from agent.errors import VerificationError
+from agent.common.errors import VerificationError
+from agent.protocol.custom_fields import TargetInfo
 from agent.protocol.manifest import ModelManifest, model_target_path
-from agent.trust import TargetInfo, TrustClient, TrustUnavailableError, verify_file
-from server.keys import init_keys, load_signers
-from server.registry import check_golden, load_labels, publish_model
-from server.tuf_repo import TufRepository
+from agent.update.download import DownloadLimits, download, target_url
+from agent.update.trust import TrustClient, TrustUnavailableError, verify_file
+from server.publish.keys import init_keys, load_signers
+from server.publish.registry import check_golden, load_labels, publish_model
+from server.publish.tuf_repo import TufRepository
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODEL = FIXTURES / "digits_int8_r1.tflite"
@@ -221,7 +222,7 @@ def test_unreachable_server_is_transient(tmp_path: Path, repo: TufRepository) ->
 def test_metadata_over_length_limit_is_refused(
     tmp_path: Path, repo: TufRepository, server: RepoServer
 ) -> None:
-    from agent.trust import TrustLimits  # noqa: PLC0415
+    from agent.update.trust import TrustLimits  # noqa: PLC0415
 
     client = TrustClient(
         tmp_path / "tuf", server.url, repo.root_bytes(), limits=TrustLimits(timestamp_max_length=64)

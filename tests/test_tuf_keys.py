@@ -1,4 +1,4 @@
-"""server.keys: Ed25519 role keys on disk, private to their owner."""
+"""server.publish.keys: Ed25519 role keys on disk, private to their owner."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from server.errors import KeyStoreError
-from server.keys import ROLES, init_keys, key_path, load_signers
+from server.publish.keys import ROLES, init_keys, key_path, load_signers
 
 
 def _mode(path: Path) -> int:

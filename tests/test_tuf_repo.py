@@ -1,4 +1,4 @@
-"""server.tuf_repo: the signed repository on disk, checked with python-tuf's own API."""
+"""server.publish.tuf_repo: the signed repository on disk, checked with python-tuf's own API."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from tuf.api.metadata import Metadata
 
 from server.errors import ConflictError, InvalidInputError, KeyStoreError, NotFoundError
-from server.keys import init_keys
-from server.tuf_repo import ExpiryPolicy, TufRepoError, TufRepository
+from server.publish.keys import init_keys
+from server.publish.tuf_repo import ExpiryPolicy, TufRepoError, TufRepository
 
 MODEL = Path(__file__).parent / "fixtures" / "digits_int8_r1.tflite"
 

@@ -18,18 +18,18 @@ from typing import Any
 import pytest
 from tuf_sim import RepoServer
 
-from agent.fetch import FetchLimits, TufFetcher
 from agent.protocol.api import DesiredTarget
 from agent.protocol.manifest import Golden, model_target_path
-from agent.slots import SlotStore
-from agent.smoke import RuntimeChoice, smoke_test
-from agent.statemachine import State
-from agent.trust import TrustClient
-from agent.updater import Updater
+from agent.update.fetch import FetchLimits, TufFetcher
+from agent.update.slots import SlotStore
+from agent.update.smoke import RuntimeChoice, smoke_test
+from agent.update.state_machine import State
+from agent.update.trust import TrustClient
+from agent.update.updater import Updater
 from agent.worker import InferenceWorker
-from server.keys import init_keys
-from server.registry import build_manifest, publish_model
-from server.tuf_repo import TufRepository
+from server.publish.keys import init_keys
+from server.publish.registry import build_manifest, publish_model
+from server.publish.tuf_repo import TufRepository
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LABELS = tuple(str(i) for i in range(10))

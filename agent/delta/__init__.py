@@ -7,7 +7,6 @@ flatbuffer schema, and the bsdiff method needs bsdiff4 (server side only).
 
 from __future__ import annotations
 
-from agent.delta.config import DEFAULT_CONFIG, DeltaConfig
 from agent.delta.decoder import ApplyInfo, apply_bytes, apply_delta, read_header
 from agent.delta.encoder import DeltaInfo, make_delta, make_patch_bytes
 from agent.delta.errors import (
@@ -18,6 +17,7 @@ from agent.delta.errors import (
     WrongBaseError,
 )
 from agent.delta.format import DeltaHeader
+from agent.delta.limits import DEFAULT_CONFIG, DeltaConfig
 
 __all__ = [
     "DEFAULT_CONFIG",

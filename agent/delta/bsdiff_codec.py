@@ -16,9 +16,9 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from agent.delta.config import DeltaConfig
 from agent.delta.errors import CorruptPatchError
 from agent.delta.format import Section, SectionRef
+from agent.delta.limits import DeltaConfig
 from agent.delta.streams import FrameReader, compress, decompress_bounded, window_log_for
 
 Writer = Callable[[bytes | memoryview], object]

@@ -21,9 +21,8 @@ from typing import BinaryIO
 
 import zstandard
 
-from agent.atomic import fsync_dir
+from agent.common.atomic import fsync_dir
 from agent.delta.bsdiff_codec import decode_bsdiff
-from agent.delta.config import DEFAULT_CONFIG, DeltaConfig
 from agent.delta.errors import CorruptPatchError, DeltaInputError, WrongBaseError
 from agent.delta.format import (
     HEADER_SIZE,
@@ -34,6 +33,7 @@ from agent.delta.format import (
     expect_sections,
     scan_sections,
 )
+from agent.delta.limits import DEFAULT_CONFIG, DeltaConfig
 from agent.delta.model_decoder import decode_tflite
 from agent.delta.streams import FrameReader
 

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.atomic import atomic_write
+from agent.common.atomic import atomic_write
 from agent.delta.bsdiff_codec import encode_bsdiff
-from agent.delta.config import DEFAULT_CONFIG, DeltaConfig
 from agent.delta.decoder import apply_bytes
 from agent.delta.errors import DeltaError, DeltaInputError
 from agent.delta.format import METHOD_NAMES, Method, Section, build_patch, encode_header
+from agent.delta.limits import DEFAULT_CONFIG, DeltaConfig
 from agent.delta.model_encoder import encode_tflite
 from agent.delta.streams import compress, window_log_for
 

@@ -5,7 +5,7 @@ Messages are one line and name what is wrong, because the CLI prints them as is.
 
 from __future__ import annotations
 
-from agent.errors import DeltaError
+from agent.common.errors import DeltaError
 
 __all__ = [
     "CorruptPatchError",

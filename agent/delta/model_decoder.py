@@ -7,9 +7,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from agent.delta.config import DeltaConfig
 from agent.delta.errors import CorruptPatchError
 from agent.delta.format import DeltaHeader, Section, SectionRef
+from agent.delta.limits import DeltaConfig
 from agent.delta.skeleton import base_skeleton, restore, sub_reference
 from agent.delta.streams import FrameReader, decompress_bounded
 from agent.delta.table import (

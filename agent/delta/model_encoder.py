@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from agent.delta.config import DeltaConfig
 from agent.delta.format import Section
+from agent.delta.limits import DeltaConfig
 from agent.delta.skeleton import (
     Rebase,
     base_skeleton,

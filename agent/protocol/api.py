@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agent.errors import ProtocolError
+from agent.common.errors import ProtocolError
 from agent.protocol.manifest import check_sha256
 from agent.protocol.topics import check_device_id
 

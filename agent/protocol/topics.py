@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from agent.errors import ProtocolError
+from agent.common.errors import ProtocolError
 
 PREFIX: Final = "edgefleet/v1/devices"
 CHANNELS: Final = ("telemetry", "events", "state", "results", "cmd")

@@ -13,7 +13,7 @@ from server.api import bandwidth, devices, mqtt_export, operator, rollouts, tele
 from server.api.deps import AppState
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
-from server.metrics import FleetMetrics
+from server.telemetry.metrics import FleetMetrics
 
 __all__ = ["AppState", "create_app"]
 

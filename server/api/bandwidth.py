@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 
-from server import bandwidth
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
 from server.api.schemas import ErrorOut
+from server.telemetry import bandwidth
 
 router = APIRouter(
     prefix="/api/v1",

@@ -13,9 +13,9 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 
 from server.config import MqttEndpoint, ServerConfig
-from server.db import Database
+from server.db.tables import Database
 from server.errors import AuthError
-from server.tuf_repo import TufRepository
+from server.publish.tuf_repo import TufRepository
 
 _MAX_AUTH_HEADER = 1024
 

@@ -1,6 +1,6 @@
 """Device-facing routes: enrollment, check-in and event reports.
 
-Check-ins and events are the fleet's steady load: they run on ``server.device_store``
+Check-ins and events are the fleet's steady load: they run on ``server.db.hot_path``
 (SQLAlchemy Core, one connection and one transaction each), not on ORM sessions.
 """
 
@@ -20,7 +20,6 @@ from agent.protocol.api import (
     EVENTS_PATH,
     InstalledModel,
 )
-from server import device_store, store
 from server.api.deps import AppState, app_state, bearer_token
 from server.api.schemas import (
     DEVICE_ID,
@@ -33,6 +32,7 @@ from server.api.schemas import (
     EventIn,
     MqttOut,
 )
+from server.db import hot_path, queries
 from server.errors import ServerError
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,14 @@ def enroll(body: EnrollIn, st: State) -> EnrollOut:
 
     Enrolling the same hardware id again rotates every credential of the same device.
     """
-    tags = store.check_tags(body.tags, st.config.max_tags)
+    tags = queries.check_tags(body.tags, st.config.max_tags)
     try:
         tuf_root = json.loads(st.repo.root_bytes())
     except (OSError, ValueError) as err:
         raise ServerError(f"TUF root metadata is unavailable: {err}") from err
     with st.db.session() as s:
-        store.consume_enrollment_token(s, body.token, st.config.enrollment_tokens)
-        creds = store.enroll_device(
+        queries.consume_enrollment_token(s, body.token, st.config.enrollment_tokens)
+        creds = queries.enroll_device(
             s,
             hardware_id=body.hardware_id,
             profile=body.profile,
@@ -96,12 +96,12 @@ _DEVICE_AUTH: dict[str, Any] = {"security": [{"HTTPBearer": []}]}
 def checkin(device_id: DeviceId, body: CheckinIn, request: Request) -> JSONResponse:
     """Report state and the installed model; learn which signed target to run."""
     st = app_state(request)
-    token_hash = store.hash_secret(bearer_token(request))
+    token_hash = queries.hash_secret(bearer_token(request))
     installed = (
         InstalledModel(**body.installed.model_dump()) if body.installed is not None else None
     )
     with st.db.engine.begin() as conn:
-        desired = device_store.checkin(
+        desired = hot_path.checkin(
             conn,
             device_id,
             token_hash,
@@ -120,10 +120,10 @@ def checkin(device_id: DeviceId, body: CheckinIn, request: Request) -> JSONRespo
 
 
 def _store_events(st: AppState, device_id: str, token: str, events: list[EventIn]) -> int:
-    reports = [device_store.EventReport(e.type, e.state, e.detail) for e in events]
+    reports = [hot_path.EventReport(e.type, e.state, e.detail) for e in events]
     with st.db.engine.begin() as conn:
-        device_store.authenticate(conn, device_id, store.hash_secret(token))
-        return device_store.add_events(conn, device_id, reports)
+        hot_path.authenticate(conn, device_id, queries.hash_secret(token))
+        return hot_path.add_events(conn, device_id, reports)
 
 
 @router.post(EVENTS_PATH, status_code=201, openapi_extra=_DEVICE_AUTH)

@@ -2,7 +2,7 @@
 
 The operator CLI (``edgefleet mqtt export-acl DIR``) calls this, like every
 other operator command: the database stays on the server, and the files are
-built from one consistent read. See ``server.mqtt_acl`` for the rules.
+built from one consistent read. See ``server.mqtt.acl`` for the rules.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
 from server.api.schemas import ErrorOut
-from server.mqtt_acl import export_broker_files
+from server.mqtt.acl import export_broker_files
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from typing import Annotated, BinaryIO
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, UploadFile
 
 from agent.protocol.manifest import VARIANTS, model_target_path
-from server import store
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
 from server.api.schemas import (
     DEVICE_ID,
@@ -33,11 +32,12 @@ from server.api.schemas import (
     TokenOut,
     Variant,
 )
-from server.db import Device
-from server.deltas import build_deltas, choose_bases, fleet_bases
+from server.db import queries
+from server.db.tables import Device
 from server.errors import ConflictError, InvalidInputError, ModelValidationError
-from server.goldenset import prepare_golden_set
-from server.registry import publish_model
+from server.publish.deltas import build_deltas, choose_bases, fleet_bases
+from server.publish.golden_sets import prepare_golden_set
+from server.publish.registry import publish_model
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,18 @@ def list_devices(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[DeviceOut]:
-    selector = store.parse_tag(tag) if tag is not None else None
+    selector = queries.parse_tag(tag) if tag is not None else None
     with st.db.session() as s:
-        return [device_out(d) for d in store.list_devices(s, selector, limit, offset)]
+        return [device_out(d) for d in queries.list_devices(s, selector, limit, offset)]
 
 
 @router.get("/devices/{device_id}", response_model=DeviceDetailOut)
 def show_device(device_id: Annotated[str, Path(pattern=DEVICE_ID)], st: State) -> DeviceDetailOut:
     with st.db.session() as s:
-        device = store.get_device(s, device_id)
-        desired = store.resolve_desired(s, device)
-        telemetry = store.latest_telemetry(s, device_id)
-        events = store.recent_events(s, device_id, st.config.recent_events)
+        device = queries.get_device(s, device_id)
+        desired = queries.resolve_desired(s, device)
+        telemetry = queries.latest_telemetry(s, device_id)
+        events = queries.recent_events(s, device_id, st.config.recent_events)
         base = device_out(device)
         return DeviceDetailOut(
             **base.model_dump(),
@@ -180,7 +180,7 @@ def publish(
     label_list = _labels(labels, labels_file, st.config.max_labels)
     with st.publish_lock:
         with st.db.session() as s:
-            if store.model_exists(s, name, release, variant):
+            if queries.model_exists(s, name, release, variant):
                 raise ConflictError(
                     f"model {name} release {release} variant {variant} is already published"
                 )
@@ -206,7 +206,7 @@ def publish(
             if golden_upload is not None:
                 golden_upload.unlink(missing_ok=True)
         with st.db.session() as s:
-            row = store.add_model(s, manifest)
+            row = queries.add_model(s, manifest)
             out = ModelOut.model_validate(row)
             published, installed = fleet_bases(s, manifest)
         bases = choose_bases(manifest, published, installed)
@@ -232,14 +232,14 @@ def publish(
 @router.get("/models", response_model=list[ModelOut])
 def list_models(st: State, name: Annotated[ModelName | None, Query()] = None) -> list[ModelOut]:
     with st.db.session() as s:
-        return [ModelOut.model_validate(m) for m in store.list_models(s, name)]
+        return [ModelOut.model_validate(m) for m in queries.list_models(s, name)]
 
 
 @router.post("/assignments", response_model=AssignmentOut, status_code=201)
 def assign(body: AssignmentIn, st: State) -> AssignmentOut:
     """Assign a published release to one device or to every device with a tag."""
     with st.db.session() as s:
-        row = store.create_assignment(s, body.name, body.release, body.device_id, body.tag)
+        row = queries.create_assignment(s, body.name, body.release, body.device_id, body.tag)
         out = AssignmentOut.model_validate(row)
     log.info("assigned %s@%s to %s %s", body.name, body.release, row.target_kind, row.target_value)
     return out
@@ -250,7 +250,7 @@ def create_token(st: State, body: Annotated[TokenIn | None, Body()] = None) -> T
     """Create an enrollment token (shown once; only its hash is stored)."""
     body = body or TokenIn()
     with st.db.session() as s:
-        token, row = store.create_enrollment_token(s, body.max_uses, body.expires_in_s, body.note)
+        token, row = queries.create_enrollment_token(s, body.max_uses, body.expires_in_s, body.note)
         return TokenOut(
             token=token, expires_at=row.expires_at, max_uses=row.max_uses, note=row.note
         )

@@ -19,10 +19,10 @@ from pydantic import Field, StringConstraints, model_validator
 
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
 from server.api.schemas import ErrorOut, _OperatorInput
-from server.rollout.spec import RolloutSpec, build_spec
-from server.rollout.states import Action, RolloutState
-from server.rollout_service import ServiceConfig, create_rollout, get_rollout, perform, views
-from server.rollout_service import history as load_history
+from server.rollout.core.spec import RolloutSpec, build_spec
+from server.rollout.core.states import Action, RolloutState
+from server.rollout.service import ServiceConfig, create_rollout, get_rollout, perform, views
+from server.rollout.service import history as load_history
 
 log = logging.getLogger(__name__)
 

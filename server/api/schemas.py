@@ -22,9 +22,9 @@ from pydantic import (
 
 from agent.protocol.api import MAX_EVENT_BATCH
 from agent.protocol.manifest import VARIANTS
-from server.db import as_utc
+from server.db.queries import TAG_KEY, TAG_VALUE, parse_tag
+from server.db.tables import as_utc
 from server.errors import ServerError
-from server.store import TAG_KEY, TAG_VALUE, parse_tag
 
 DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MODEL_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"

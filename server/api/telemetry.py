@@ -20,9 +20,9 @@ from pydantic import BaseModel
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme, bearer_token
 from server.api.schemas import DEVICE_ID, MODEL_NAME, ErrorOut, UtcTime
 from server.errors import AuthError, InvalidInputError
-from server.metrics import CONTENT_TYPE, FleetMetrics
-from server.rollup_store import RollupQuery, query_rollups
-from server.rollup_values import MAX_RELEASE, RollupValues, bucket_start
+from server.telemetry.metrics import CONTENT_TYPE, FleetMetrics
+from server.telemetry.storage import RollupQuery, query_rollups
+from server.telemetry.windows import MAX_RELEASE, RollupValues, bucket_start
 
 router = APIRouter(
     prefix="/api/v1",

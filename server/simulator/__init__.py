@@ -18,9 +18,9 @@ from server.simulator.behaviour import (
     parse_effect,
     parse_profile,
 )
-from server.simulator.config import PlannedDevice, SimConfig, plan_fleet
 from server.simulator.fleet import Credentials, Fleet, FleetThread, SimulatorError
 from server.simulator.payloads import WindowSpec
+from server.simulator.plan import PlannedDevice, SimConfig, plan_fleet
 from server.simulator.stats import Report
 
 __all__ = [

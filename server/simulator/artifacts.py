@@ -25,13 +25,14 @@ from typing import TypeVar
 
 import requests
 
+from agent.common.errors import AgentError, VerificationError
 from agent.delta import apply_delta
-from agent.download import DownloadLimits, download, target_url
-from agent.errors import AgentError, VerificationError
-from agent.fetch import check_manifest
 from agent.protocol.api import DesiredTarget
+from agent.protocol.custom_fields import TargetInfo
 from agent.protocol.manifest import DeltaManifest, ModelManifest, delta_target_path
-from agent.trust import TargetInfo, TrustClient
+from agent.update.download import DownloadLimits, download, target_url
+from agent.update.fetch import check_manifest
+from agent.update.trust import TrustClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,12 +1,12 @@
 """One simulated device: check-in, the update chain with its reports, telemetry windows.
 
-The update walks the agent's own state machine (``agent.statemachine``:
+The update walks the agent's own state machine (``agent.update.state_machine``:
 ``UpdateRecord.advance`` over the one transition table) and reports each
-state exactly as ``agent.updater`` does: an ``update`` event per transition
+state exactly as ``agent.update.updater`` does: an ``update`` event per transition
 with ``{target, slot, reason}``, the ``download`` bandwidth report, and the
 ``golden_set`` score during the smoke test when the release ships one, which
-fails the smoke test below the release minimum (``agent.smoke``). HTTP copies
-of the events are batched by the agent's own ``agent.eventqueue``. Target
+fails the smoke test below the release minimum (``agent.update.smoke``). HTTP copies
+of the events are batched by the agent's own ``agent.transport.event_queue``. Target
 metadata and bytes come from the fleet's ``SharedArtifacts``: verified with
 TUF once, shared by every device.
 
@@ -23,18 +23,18 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import AgentError, ProtocolError, SmokeTestError, UpdateError
-from agent.eventqueue import EventQueue
-from agent.goldenset import GoldenSetResult, GoldenSetSpec
+from agent.common.errors import AgentError, ProtocolError, SmokeTestError, UpdateError
+from agent.inference.scoring import GoldenSetResult, GoldenSetSpec
 from agent.protocol.api import DesiredTarget, InstalledModel, MqttCredentials
-from agent.smoke import golden_set_problem
-from agent.statemachine import Event, State, UpdateRecord
+from agent.transport.event_queue import EventQueue
+from agent.update.smoke import golden_set_problem
+from agent.update.state_machine import Event, State, UpdateRecord
 from server.simulator.artifacts import SharedArtifacts, SignedModel
 from server.simulator.behaviour import Behaviour, Traits
-from server.simulator.config import PlannedDevice, SimConfig
 from server.simulator.http import DeviceHttp
 from server.simulator.mqtt_link import MqttLink
 from server.simulator.payloads import download_report, golden_report, telemetry_window
+from server.simulator.plan import PlannedDevice, SimConfig
 from server.simulator.stats import FleetStats
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class SimDevice:
         return InstalledModel(m.name, m.release, m.variant, m.sha256, self.active.slot)
 
     def wants(self, desired: DesiredTarget | None) -> bool:
-        """As ``agent.updater.Updater.wants``: a different target, not failed too often."""
+        """As ``agent.update.updater.Updater.wants``: a different target, not failed too often."""
         if desired is None:
             return False
         current = self.installed()

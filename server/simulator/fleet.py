@@ -25,15 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.errors import AgentError
+from agent.common.errors import AgentError
 from agent.protocol.api import DesiredTarget, MqttCredentials
 from server.errors import ServerError
 from server.simulator.artifacts import ArtifactLimits, SharedArtifacts
 from server.simulator.behaviour import Behaviour, draw
-from server.simulator.config import PlannedDevice, SimConfig, plan_fleet
 from server.simulator.device import Active, Context, SimDevice
 from server.simulator.http import DeviceHttp
 from server.simulator.mqtt_link import MqttLink
+from server.simulator.plan import PlannedDevice, SimConfig, plan_fleet
 from server.simulator.stats import FleetStats, Report
 
 log = logging.getLogger(__name__)

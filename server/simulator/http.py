@@ -1,6 +1,6 @@
 """The device REST API over one shared async HTTP connection pool.
 
-The same paths and bodies as ``agent.client.DeviceClient`` (the paths and
+The same paths and bodies as ``agent.transport.device_api.DeviceClient`` (the paths and
 the check-in body come from ``agent.protocol.api``) and the same strict
 parsing of answers, but asynchronous, so thousands of devices share a few
 dozen keep-alive connections (``http_pool``). At most ``connections``
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent import __version__ as AGENT_VERSION  # noqa: N812
-from agent.errors import ProtocolError, ServerRequestError
-from agent.eventqueue import PendingEvent, batch_body
+from agent.common.errors import ProtocolError, ServerRequestError
 from agent.protocol import api
+from agent.transport.event_queue import PendingEvent, batch_body
 from server.simulator.http_pool import HttpPool, HttpPoolError, PoolLimits
 from server.simulator.stats import FleetStats
 
@@ -107,7 +107,7 @@ class DeviceHttp:
         return reply
 
     async def events(self, device_id: str, token: str, batch: Sequence[PendingEvent]) -> int:
-        """POST one batch of queued events (``agent.eventqueue``); the number stored."""
+        """POST one batch of queued events (``agent.transport.event_queue``); the number stored."""
         path = api.EVENTS_BATCH_PATH.format(device_id=device_id)
         data, _ = await self._post(path, batch_body(batch), token, "events")
         stored = data.get("stored") if isinstance(data, dict) else None

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from agent.errors import ProtocolError, ServerRequestError
+from agent.common.errors import ProtocolError, ServerRequestError
 
 _CRLF = b"\r\n"
 

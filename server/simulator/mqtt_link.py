@@ -7,7 +7,7 @@ calls ``loop_read``/``loop_write`` when the socket is ready and ``loop_misc``
 (keep-alive, retries) once a second. Here that loop is asyncio, so thousands
 of devices each log in with their own credentials and ACL, as real ones do.
 
-Each link behaves like ``agent.mqtt.Publisher``: a retained ``offline`` last
+Each link behaves like ``agent.transport.mqtt.Publisher``: a retained ``offline`` last
 will, ``online`` on connect, QoS 1, a ``seq`` and ``ts`` on every message, the
 device's ``cmd`` topic subscribed, and reconnection after a broker restart.
 There is no on-disk outbox: a message published while disconnected is lost

@@ -1,7 +1,7 @@
 """What a simulated device says: telemetry windows and update-event details (pure).
 
-The keys are the real agent's (``agent.telemetry`` for windows, with the power
-section built by the agent's own ``power_fields``; ``agent.updater`` for the
+The keys are the real agent's (``agent.telemetry.window`` for windows, with the power
+section built by the agent's own ``power_fields``; ``agent.update.updater`` for the
 download report), so the server cannot tell a simulated window from a real
 one except by the ``simulated`` flag. Per-window noise is a hash of the seed,
 the device and the window number, so a run is reproducible.
@@ -15,8 +15,8 @@ from typing import Any
 
 from agent import __version__ as AGENT_VERSION  # noqa: N812 - reads as a constant here
 from agent.protocol.manifest import ModelManifest
-from agent.sampler import PowerWindow
-from agent.telemetry import power_fields
+from agent.telemetry.sampler import PowerWindow
+from agent.telemetry.window import power_fields
 from server.simulator.behaviour import Traits, normal
 
 # Invoke latency within a window is log-normal with this sigma; p95 = median * e^(1.645 sigma).
@@ -108,7 +108,7 @@ def download_report(
     delta_bytes: int,
     fallback: str | None,
 ) -> dict[str, Any]:
-    """The bandwidth report ``agent.updater`` sends as a ``download`` event."""
+    """The bandwidth report ``agent.update.updater`` sends as a ``download`` event."""
     return {
         "target_bytes": manifest.length,
         "delta_bytes": delta_bytes,

@@ -1,9 +1,9 @@
 """Create simulated devices directly in the server's database (for large benchmarks).
 
 Enrolling 65,000 devices over HTTP measures enrollment, not rollouts; this
-writes them with the server's own ``store.enroll_device`` (the same rows,
+writes them with the server's own ``queries.enroll_device`` (the same rows,
 tags, hashed secrets and ``enrolled`` event as the REST route) and, when
-given, records the release they already run with ``store.record_checkin``.
+given, records the release they already run with ``queries.record_checkin``.
 Batches of ``batch`` devices share one transaction. Everything a device
 does afterwards (check-ins, events, telemetry) goes over the wire.
 """
@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 
 from agent import __version__ as AGENT_VERSION  # noqa: N812
 from agent.protocol.api import InstalledModel, MqttCredentials
-from server import store
-from server.db import Database
-from server.simulator.config import PlannedDevice
+from server.db import queries
+from server.db.tables import Database
 from server.simulator.fleet import Credentials
+from server.simulator.plan import PlannedDevice
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def provision(
     for at in range(0, len(plan), batch):
         with db.session() as s:
             for p in plan[at : at + batch]:
-                creds = store.enroll_device(
+                creds = queries.enroll_device(
                     s,
                     hardware_id=p.hardware_id,
                     profile=p.profile,
@@ -50,8 +50,8 @@ def provision(
                     agent_version=AGENT_VERSION,
                 )
                 if installed is not None:
-                    device = store.get_device(s, creds.device_id)
-                    store.record_checkin(s, device, "idle", installed, AGENT_VERSION)
+                    device = queries.get_device(s, creds.device_id)
+                    queries.record_checkin(s, device, "idle", installed, AGENT_VERSION)
                 link = None
                 if mqtt is not None:
                     link = MqttCredentials(

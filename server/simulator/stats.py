@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agent.histogram import LatencyHistogram
+from agent.telemetry.histogram import LatencyHistogram
 
 _NS = 1e9
 _MAX_ERROR_KINDS = 50

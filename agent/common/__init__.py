@@ -1,0 +1,4 @@
+"""Shared by the agent and the server.
+
+The one atomic-write helper and the agent's exception tree.
+"""

@@ -1,0 +1,1 @@
+"""Firmware profiles: one TOML per board family, and detection of the board the agent runs on."""

@@ -1,0 +1,221 @@
+"""The device-facing hot paths (check-in, event reports) in SQLAlchemy Core.
+
+Every device checks in once a poll interval, so a fleet of 65,000 sends about
+1,100 check-ins a second to each server process. A check-in is one transaction
+on one connection with two statements: an ``UPDATE ... RETURNING`` that both
+authenticates (token digest and device id in its WHERE) and records the
+check-in, then one ``SELECT`` that finds the assignment and the published
+variants of its release together. Only a failed check-in pays a third query, to
+tell an unknown token (401) from another device's token (403).
+
+Callers pass the token's digest (``store.hash_secret``), not the token: only
+digests are stored, and a lookup by digest reveals nothing about the secret.
+``store.resolve_desired`` (the operator's view) uses the same resolution, so a
+device and its operator always see the same target.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Integer,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    insert,
+    literal_column,
+    select,
+    union_all,
+)
+from sqlalchemy import update as sql_update
+from sqlalchemy.orm import Session
+
+from agent.protocol.api import DesiredTarget, InstalledModel
+from agent.protocol.manifest import model_target_path
+from server.db.tables import Assignment, Base, Device, Event, Model, utcnow
+from server.errors import AuthError, ForbiddenError
+from server.telemetry.bandwidth import record_download
+
+
+def _table(model: type[Base]) -> Table:
+    table = model.__table__
+    if not isinstance(table, Table):  # every model in server.db maps one plain table
+        raise TypeError(f"{model.__name__} is not mapped to a table")
+    return table
+
+
+DEVICES = _table(Device)
+ASSIGNMENTS = _table(Assignment)
+MODELS = _table(Model)
+EVENTS = _table(Event)
+
+_CHECKIN_COLUMNS = (
+    "state",
+    "agent_version",
+    "last_seen",
+    "installed_name",
+    "installed_release",
+    "installed_variant",
+    "installed_sha256",
+    "installed_slot",
+)
+_INVALID = "device token is invalid"
+_OTHER_DEVICE = "this device token belongs to another device"
+
+
+@dataclass(frozen=True)
+class EventReport:
+    """One update-step event as a device reports it."""
+
+    type: str
+    state: str | None
+    detail: dict[str, Any]
+
+
+def _newest(priority: int, *where: Any) -> Select[Any]:
+    """The newest assignment matching ``where`` with its release's published variants.
+
+    An outer join: an assignment whose release has no variant still decides
+    (and yields no target), exactly as when it is looked up on its own.
+    """
+    a = ASSIGNMENTS.c
+    newest = (
+        select(literal_column(str(priority), Integer).label("priority"), a.name, a.release)
+        .where(*where)
+        .order_by(a.id.desc())
+        .limit(1)
+        .subquery()
+    )
+    m = MODELS.c
+    joined = newest.outerjoin(MODELS, and_(m.name == newest.c.name, m.release == newest.c.release))
+    return select(newest.c.priority, newest.c.name, newest.c.release, m.variant).select_from(joined)
+
+
+# Built once: building and cache-keying a statement per request costs more than running it.
+_OWNER = select(DEVICES.c.id).where(DEVICES.c.token_hash == bindparam("digest"))
+_CHECKIN = (
+    sql_update(DEVICES)
+    .where(DEVICES.c.token_hash == bindparam("digest"), DEVICES.c.id == bindparam("device"))
+    .values({name: bindparam(f"new_{name}") for name in _CHECKIN_COLUMNS})
+    .returning(DEVICES.c.tags, DEVICES.c.variant_preference)
+)
+_BY_DEVICE = _newest(
+    0, ASSIGNMENTS.c.target_kind == "device", ASSIGNMENTS.c.target_value == bindparam("device")
+)
+_BY_DEVICE_OR_TAG = union_all(
+    _BY_DEVICE,
+    _newest(
+        1,
+        ASSIGNMENTS.c.target_kind == "tag",
+        ASSIGNMENTS.c.target_value.in_(bindparam("selectors", expanding=True)),
+    ),
+)
+_ADD_EVENT = insert(EVENTS)
+
+
+def _refusal(conn: Connection, device_id: str, token_hash: str) -> AuthError | ForbiddenError:
+    """Why ``token_hash`` does not open ``device_id``: unknown (401) or another device's (403)."""
+    owner = conn.scalar(_OWNER, {"digest": token_hash})
+    # A token re-keyed between our two statements is simply no longer valid.
+    if owner is None or hmac.compare_digest(owner.encode(), device_id.encode()):
+        return AuthError(_INVALID)
+    return ForbiddenError(_OTHER_DEVICE)
+
+
+def authenticate(conn: Connection, device_id: str, token_hash: str) -> None:
+    """One indexed lookup; AuthError (401) for an unknown token, ForbiddenError (403)
+    when the token belongs to another device."""
+    owner = conn.scalar(_OWNER, {"digest": token_hash})
+    if owner is None:
+        raise AuthError(_INVALID)
+    if not hmac.compare_digest(owner.encode(), device_id.encode()):
+        raise ForbiddenError(_OTHER_DEVICE)
+
+
+def checkin(
+    conn: Connection,
+    device_id: str,
+    token_hash: str,
+    *,
+    state: str,
+    installed: InstalledModel | None,
+    agent_version: str,
+) -> DesiredTarget | None:
+    """Authenticate, record the check-in and resolve the desired target (two statements)."""
+    values = {
+        "state": state,
+        "agent_version": agent_version,
+        "last_seen": utcnow(),
+        "installed_name": installed.name if installed else None,
+        "installed_release": installed.release if installed else None,
+        "installed_variant": installed.variant if installed else None,
+        "installed_sha256": installed.sha256 if installed else None,
+        "installed_slot": installed.slot if installed else None,
+    }
+    params = {f"new_{k}": v for k, v in values.items()}
+    row = conn.execute(_CHECKIN, {"digest": token_hash, "device": device_id, **params}).first()
+    if row is None:
+        raise _refusal(conn, device_id, token_hash)
+    tags, preference = row
+    return resolve(conn, device_id, tags, preference)
+
+
+def resolve(
+    conn: Connection, device_id: str, tags: dict[str, str], preference: Sequence[str]
+) -> DesiredTarget | None:
+    """Newest device assignment, else newest assignment to one of its tags; then the
+    first variant of ``preference`` that release publishes. One SELECT."""
+    selectors = [f"{k}={v}" for k, v in tags.items()]
+    if selectors:
+        rows = conn.execute(_BY_DEVICE_OR_TAG, {"device": device_id, "selectors": selectors})
+    else:
+        rows = conn.execute(_BY_DEVICE, {"device": device_id})
+    chosen = sorted(rows, key=lambda r: int(r.priority))
+    if not chosen:
+        return None
+    name, release = chosen[0].name, chosen[0].release
+    published = {r.variant for r in chosen if r.priority == chosen[0].priority and r.variant}
+    for variant in preference:
+        if variant in published:
+            return DesiredTarget(
+                target_path=model_target_path(name, release, variant),
+                name=name,
+                release=release,
+                variant=variant,
+            )
+    return None
+
+
+def add_events(
+    conn: Connection, device_id: str, events: Sequence[EventReport], source: str = "http"
+) -> int:
+    """Store ``events`` in one multi-row INSERT, in order (ascending ids: the rollout
+    engine folds events by id), and bookkeep every ``download`` report."""
+    if not events:
+        return 0
+    now = utcnow()
+    rows = [
+        {
+            "device_id": device_id,
+            "time": now,
+            "type": e.type,
+            "state": e.state,
+            "source": source,
+            "detail": e.detail or {},
+        }
+        for e in events
+    ]
+    conn.execute(_ADD_EVENT, rows)  # executemany: rows are inserted in list order
+    downloads = [e for e in events if e.type == "download"]
+    if downloads:
+        # A session joined to this connection's transaction: its writes commit with ours.
+        with Session(bind=conn) as s:
+            for e in downloads:
+                record_download(s, device_id, e.detail)
+    return len(rows)

@@ -1,0 +1,392 @@
+"""Health gates: per-profile statistics of a rollout's devices, judged against limits.
+
+Pure: no IO. ``GateLimits`` holds one stage's limits as the operator set them.
+``ProfileStats`` accumulates one profile's devices in the policy's
+single pass; ``judge_profile`` turns it into ``GateResult`` values that carry
+the measured number, the limit and the devices involved, so every pause can say
+which gate tripped and why.
+
+- install failure rate: failed installs (failed, rolled back, or silent before
+  installing) over finished installs;
+- p95 latency and power regression: sum over devices of the value on the new
+  release over the sum of the same devices' own baselines, minus one;
+- golden-set accuracy: mean of the accuracies the devices report.
+
+A gate is judged once ``min_sample`` devices (or every device that could
+report, when fewer) have reported; until then it holds the stage back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from server.errors import InvalidInputError
+from server.rollout.core.states import DeviceFacts
+from server.rollout.core.units import (
+    HUNDRED,
+    format_number,
+    parse_fraction,
+    parse_percent,
+    parse_whole,
+)
+
+INSTALL_FAILURE_RATE = "install_failure_rate"
+LATENCY_REGRESSION = "p95_latency_regression"
+POWER_REGRESSION = "power_regression"
+GOLDEN_ACCURACY = "golden_accuracy"
+ERROR_THRESHOLD = "error_threshold"
+SUCCESS_THRESHOLD = "success_threshold"
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """Health gates of one stage; None switches a gate off.
+
+    Regressions are percent over each device's own pre-update baseline; the
+    install failure rate is percent of finished installs. A gate is judged per
+    profile once ``min_sample`` devices (or all of them, if fewer) report.
+    """
+
+    max_install_failure: Fraction | None = Fraction(5)
+    max_latency_regression: Fraction | None = Fraction(10)
+    max_power_regression: Fraction | None = Fraction(10)
+    min_golden_accuracy: Fraction | None = None  # 0..1
+    max_device_errors: int | None = None  # more runtime errors than this: the device failed
+    min_sample: int = 10
+
+    def to_json(self) -> dict[str, Any]:
+        def pct(value: Fraction | None) -> str | None:
+            return None if value is None else f"{format_number(value)}%"
+
+        return {
+            "max_install_failure": pct(self.max_install_failure),
+            "max_latency_regression": pct(self.max_latency_regression),
+            "max_power_regression": pct(self.max_power_regression),
+            "min_golden_accuracy": pct(
+                None if self.min_golden_accuracy is None else self.min_golden_accuracy * 100
+            ),
+            "max_device_errors": self.max_device_errors,
+            "min_sample": self.min_sample,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> GateLimits:
+        if not isinstance(data, Mapping):
+            raise InvalidInputError("gates must be an object")
+
+        def opt(key: str, parse: Any, default: Any) -> Any:
+            if key not in data:
+                return default
+            raw = data[key]
+            return None if raw is None or raw == "off" else parse(raw, key.replace("_", "-"))
+
+        return cls(
+            max_install_failure=opt("max_install_failure", parse_percent, cls.max_install_failure),
+            max_latency_regression=opt(
+                "max_latency_regression", parse_percent, cls.max_latency_regression
+            ),
+            max_power_regression=opt(
+                "max_power_regression", parse_percent, cls.max_power_regression
+            ),
+            min_golden_accuracy=opt("min_golden_accuracy", parse_fraction, None),
+            max_device_errors=opt("max_device_errors", parse_whole, None),
+            min_sample=parse_whole(data.get("min_sample", cls.min_sample), "min-sample", minimum=1),
+        )
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One gate's verdict. ``value`` is None until ``needed`` devices have reported;
+    while ``sample < needed`` the gate holds its stage back."""
+
+    name: str
+    profile: str | None  # None: the whole stage
+    value: float | None
+    limit: float
+    unit: str  # "%" or "devices"
+    bound: str  # "max" or "min"
+    tripped: bool
+    sample: int
+    needed: int
+    devices: tuple[str, ...] = ()  # the devices behind a trip; empty when it holds
+    detail: str = ""
+    stage: int | None = None  # for stage-wide gates
+
+    @property
+    def waiting(self) -> bool:
+        return self.sample < self.needed
+
+    def message(self, listed: int = 10) -> str:
+        where = f" on profile {self.profile}" if self.profile else ""
+        if self.stage is not None:
+            where += f" in stage {self.stage + 1}"
+        if self.value is None:
+            missing = self.needed - self.sample
+            if missing <= 0:
+                return f"{self.name}{where}: no device can report yet"
+            return f"{self.name}{where}: waiting for data from {missing} more devices"
+        if self.bound == "max":
+            op = ">" if self.tripped else "<="
+        else:
+            op = "<" if self.tripped else ">="
+        text = (
+            f"{self.name}{where}: {_fmt(self.value, self.unit)} {op} "
+            f"{'limit' if self.bound == 'max' else 'minimum'} {_fmt(self.limit, self.unit)}"
+        )
+        if self.detail:
+            text += f" ({self.detail})"
+        if self.tripped and self.devices:
+            names = ", ".join(self.devices[:listed])
+            more = f" and {len(self.devices) - listed} more" if len(self.devices) > listed else ""
+            text += f"; devices: {names}{more}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "profile": self.profile,
+            "value": self.value,
+            "limit": self.limit,
+            "unit": self.unit,
+            "bound": self.bound,
+            "tripped": self.tripped,
+            "sample": self.sample,
+            "needed": self.needed,
+            "devices": list(self.devices),
+            "detail": self.detail,
+            "stage": self.stage,
+        }
+
+
+def _fmt(value: float, unit: str) -> str:
+    return f"{value:.1f}%" if unit == "%" else f"{value:g} {unit}"
+
+
+class ProfileStats:
+    """Running sums for one profile; plain attributes, since this is the hot loop."""
+
+    __slots__ = (
+        "acc_bad",
+        "acc_eval",
+        "acc_n",
+        "acc_sum",
+        "finished",
+        "install_failed",
+        "lat_bad",
+        "lat_base",
+        "lat_cur",
+        "lat_eval",
+        "lat_n",
+        "pow_bad",
+        "pow_base",
+        "pow_cur",
+        "pow_eval",
+        "pow_n",
+        "started",
+    )
+
+    def __init__(self) -> None:
+        self.started = self.finished = 0
+        self.install_failed: list[str] = []
+        self.lat_eval = self.lat_n = self.pow_eval = self.pow_n = self.acc_eval = self.acc_n = 0
+        self.lat_base = self.lat_cur = self.pow_base = self.pow_cur = self.acc_sum = 0.0
+        self.lat_bad: list[str] = []
+        self.pow_bad: list[str] = []
+        self.acc_bad: list[str] = []
+
+    def add(
+        self, d: DeviceFacts, latency: float | None, power: float | None, accuracy: float | None
+    ) -> None:
+        """Add a succeeded device; the factors are 1 + limit (None: gate off)."""
+        if latency is not None:
+            base, value = d.baseline_p95_ms, d.p95_ms
+            if base is not None and base > 0:
+                self.lat_eval += 1
+                if value is not None:
+                    self.lat_n += 1
+                    self.lat_base += base
+                    self.lat_cur += value
+                    if value > base * latency:
+                        self.lat_bad.append(d.device_id)
+        if power is not None:
+            base, value = d.baseline_power_mw, d.power_mw
+            if base is not None and base > 0:
+                self.pow_eval += 1
+                if value is not None:
+                    self.pow_n += 1
+                    self.pow_base += base
+                    self.pow_cur += value
+                    if value > base * power:
+                        self.pow_bad.append(d.device_id)
+        if accuracy is not None:
+            self.acc_eval += 1
+            score = d.golden_accuracy
+            if score is not None:
+                self.acc_n += 1
+                self.acc_sum += score
+                if score < accuracy:
+                    self.acc_bad.append(d.device_id)
+
+
+@dataclass(frozen=True)
+class Factors:
+    """Per-device cut-offs as floats, precomputed once per tick."""
+
+    latency: float | None
+    power: float | None
+    accuracy: float | None
+
+    @classmethod
+    def of(cls, gates: GateLimits) -> Factors:
+        def rise(limit: Fraction | None) -> float | None:
+            return None if limit is None else float(1 + limit / HUNDRED)
+
+        acc = gates.min_golden_accuracy
+        return cls(
+            rise(gates.max_latency_regression),
+            rise(gates.max_power_regression),
+            None if acc is None else float(acc),
+        )
+
+
+def _needed(min_sample: int, possible: int) -> int:
+    return min(min_sample, possible)
+
+
+def _regression(
+    name: str,
+    profile: str,
+    limit: Fraction,
+    *,
+    sums: tuple[float, float],
+    counts: tuple[int, int],
+    bad: list[str],
+    min_sample: int,
+) -> GateResult:
+    base, cur = sums
+    possible, sample = counts
+    needed = _needed(min_sample, possible)
+    if sample == 0 or sample < needed:
+        return GateResult(name, profile, None, float(limit), "%", "max", False, sample, needed)
+    tripped = Fraction(cur) > Fraction(base) * (1 + limit / HUNDRED)
+    return GateResult(
+        name,
+        profile,
+        (cur / base - 1.0) * 100.0,
+        float(limit),
+        "%",
+        "max",
+        tripped,
+        sample,
+        needed,
+        _named(tripped, bad),
+        f"{sample} devices against their own baseline",
+    )
+
+
+def _named(tripped: bool, devices: list[str]) -> tuple[str, ...]:
+    return tuple(sorted(devices)) if tripped else ()
+
+
+def judge_profile(profile: str, stats: ProfileStats, gates: GateLimits) -> list[GateResult]:
+    """Every enabled gate for one profile."""
+    results: list[GateResult] = []
+    n = gates.min_sample
+    if gates.max_install_failure is not None:
+        limit = gates.max_install_failure
+        needed = _needed(n, stats.started)
+        failed = len(stats.install_failed)
+        if stats.finished == 0 or stats.finished < needed:
+            results.append(
+                GateResult(
+                    INSTALL_FAILURE_RATE,
+                    profile,
+                    None,
+                    float(limit),
+                    "%",
+                    "max",
+                    False,
+                    stats.finished,
+                    needed,
+                )
+            )
+        else:
+            tripped = failed * HUNDRED > limit * stats.finished
+            results.append(
+                GateResult(
+                    INSTALL_FAILURE_RATE,
+                    profile,
+                    failed * 100.0 / stats.finished,
+                    float(limit),
+                    "%",
+                    "max",
+                    tripped,
+                    stats.finished,
+                    needed,
+                    _named(tripped, stats.install_failed),
+                    f"{failed} of {stats.finished} finished installs failed",
+                )
+            )
+    if gates.max_latency_regression is not None:
+        results.append(
+            _regression(
+                LATENCY_REGRESSION,
+                profile,
+                gates.max_latency_regression,
+                sums=(stats.lat_base, stats.lat_cur),
+                counts=(stats.lat_eval, stats.lat_n),
+                bad=stats.lat_bad,
+                min_sample=n,
+            )
+        )
+    if gates.max_power_regression is not None:
+        results.append(
+            _regression(
+                POWER_REGRESSION,
+                profile,
+                gates.max_power_regression,
+                sums=(stats.pow_base, stats.pow_cur),
+                counts=(stats.pow_eval, stats.pow_n),
+                bad=stats.pow_bad,
+                min_sample=n,
+            )
+        )
+    if gates.min_golden_accuracy is not None:
+        minimum = gates.min_golden_accuracy
+        needed = _needed(n, stats.acc_eval)
+        limit_pct = float(minimum * HUNDRED)
+        if stats.acc_n == 0 or stats.acc_n < needed:
+            results.append(
+                GateResult(
+                    GOLDEN_ACCURACY,
+                    profile,
+                    None,
+                    limit_pct,
+                    "%",
+                    "min",
+                    False,
+                    stats.acc_n,
+                    needed,
+                )
+            )
+        else:
+            tripped = Fraction(stats.acc_sum) < minimum * stats.acc_n
+            results.append(
+                GateResult(
+                    GOLDEN_ACCURACY,
+                    profile,
+                    stats.acc_sum / stats.acc_n * 100.0,
+                    limit_pct,
+                    "%",
+                    "min",
+                    tripped,
+                    stats.acc_n,
+                    needed,
+                    _named(tripped, stats.acc_bad),
+                    f"mean over {stats.acc_n} devices",
+                )
+            )
+    return results

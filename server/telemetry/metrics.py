@@ -1,0 +1,311 @@
+"""Prometheus metrics of the fleet, on a private registry (never the process-global one).
+
+Fleet gauges are computed at scrape time from the database, so every server
+replica answers the same: device counts and online devices from the
+inventory, and power, energy per inference, latency p95, temperature and
+throttling from the telemetry rollups of the last ``metrics_window_s``. A
+scrape within ``metrics_cache_s`` of the previous one reuses its answer.
+Ingest counters (this process) come from the ``RollupWriter`` and the MQTT
+subscriber.
+
+Power gauges carry ``source`` (sensor, estimate, unknown), because an
+estimate from CPU load must never pass for a measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import aliased
+
+from server.config import ServerConfig
+from server.db.tables import Database, Device, TelemetryLatest, TelemetryRollup, utcnow
+from server.mqtt.ingest import TelemetryIngest
+from server.telemetry import latency_sketch
+from server.telemetry.windows import RollupValues
+from server.telemetry.writer import RollupWriter
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_RELEASE_LABELS = ("profile", "model", "release")
+_POWER_LABELS = (*_RELEASE_LABELS, "source")
+
+
+@dataclass
+class _Group:
+    values: RollupValues = field(default_factory=RollupValues)
+    devices: set[str] = field(default_factory=set)
+    throttled: set[str] = field(default_factory=set)
+
+
+def _release_label(release: int) -> str:
+    return str(release) if release else ""
+
+
+class FleetCollector(Collector):
+    """Fleet gauges from the database (see the module docstring)."""
+
+    def __init__(self, db: Database, config: ServerConfig) -> None:
+        self._db = db
+        self._config = config
+        self._lock = threading.Lock()
+        self._cached: list[Metric] = []
+        self._cached_at = -float("inf")
+
+    @property
+    def online_window_s(self) -> float:
+        """A device checks in every poll interval even with nothing to report."""
+        return max(self._config.online_window_s, 3 * self._config.poll_interval_s)
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            if time.monotonic() - self._cached_at >= self._config.metrics_cache_s:
+                self._cached = list(self._build())
+                self._cached_at = time.monotonic()
+            return list(self._cached)
+
+    def _build(self) -> Iterator[Metric]:
+        now = utcnow()
+        online_since = now - timedelta(seconds=self.online_window_s)
+        window_since = now - timedelta(seconds=self._config.metrics_window_s)
+        state = aliased(TelemetryLatest)
+        status = state.payload["status"].as_string()
+        with self._db.session() as s:
+            enrolled = s.execute(select(Device.profile, func.count()).group_by(Device.profile))
+            online = s.execute(
+                select(Device.profile, func.count())
+                .select_from(Device)
+                .outerjoin(state, and_(state.device_id == Device.id, state.channel == "state"))
+                .where(Device.last_seen >= online_since, or_(status.is_(None), status != "offline"))
+                .group_by(Device.profile)
+            )
+            yield _gauge("edgefleet_devices", "Enrolled devices.", ("profile",), enrolled)
+            yield _gauge(
+                "edgefleet_devices_online",
+                f"Devices seen within {self.online_window_s:g}s and not offline.",
+                ("profile",),
+                online,
+            )
+            rows = s.execute(
+                select(TelemetryRollup.__table__).where(TelemetryRollup.bucket >= window_since)
+            )
+            yield from self._telemetry(rows)
+
+    def _telemetry(self, rows: Iterable[object]) -> Iterator[Metric]:
+        by_power: dict[tuple[str, str, str, str], _Group] = {}
+        by_release: dict[tuple[str, str, str], _Group] = {}
+        fleet_release: dict[tuple[str, str], _Group] = {}
+        by_profile: dict[str, _Group] = {}
+        for row in rows:
+            values = RollupValues.from_row(row)
+            device: str = getattr(row, "device_id")  # noqa: B009 - a Core row
+            profile: str = getattr(row, "profile")  # noqa: B009
+            model, release = getattr(row, "model"), _release_label(getattr(row, "release"))  # noqa: B009
+            source: str = getattr(row, "power_source")  # noqa: B009
+            groups = [
+                by_release.setdefault((profile, model, release), _Group()),
+                fleet_release.setdefault((model, release), _Group()),
+                by_profile.setdefault(profile, _Group()),
+            ]
+            if source:
+                groups.append(by_power.setdefault((profile, model, release, source), _Group()))
+            for group in groups:
+                group.values.merge(values)
+                group.devices.add(device)
+                if values.throttled_windows:
+                    group.throttled.add(device)
+
+        window = f"over the last {self._config.metrics_window_s:g}s"
+        yield _gauge(
+            "edgefleet_devices_reporting",
+            f"Devices that sent telemetry {window}.",
+            _RELEASE_LABELS,
+            ((*k, len(g.devices)) for k, g in by_release.items()),
+        )
+        yield _gauge(
+            "edgefleet_power_mw",
+            f"Mean power draw in mW {window}, by where it comes from.",
+            _POWER_LABELS,
+            ((*k, g.values.power_mw_mean) for k, g in by_power.items()),
+        )
+        yield _gauge(
+            "edgefleet_energy_per_inference_mj",
+            f"Energy per inference in mJ (total energy / inferences) {window}.",
+            _POWER_LABELS,
+            ((*k, g.values.mj_per_inference) for k, g in by_power.items()),
+        )
+        yield _gauge(
+            "edgefleet_energy_per_inference_above_idle_mj",
+            f"Energy per inference above the idle draw, in mJ, {window}.",
+            _POWER_LABELS,
+            ((*k, g.values.mj_per_inference_above_idle) for k, g in by_power.items()),
+        )
+        yield _latency(
+            "edgefleet_latency_p95_ms",
+            f"p95 latency per release across the fleet {window} (merged histograms).",
+            ("model", "release"),
+            fleet_release.items(),
+        )
+        yield _latency(
+            "edgefleet_latency_p95_by_profile_ms",
+            f"p95 latency per board profile and release {window}.",
+            _RELEASE_LABELS,
+            by_release.items(),
+        )
+        yield _gauge(
+            "edgefleet_throttled_devices",
+            f"Devices that reported thermal or power throttling {window}.",
+            ("profile",),
+            ((k, len(g.throttled)) for k, g in by_profile.items()),
+        )
+        yield _gauge(
+            "edgefleet_temperature_max_celsius",
+            f"Hottest reported thermal zone {window}.",
+            ("profile",),
+            ((k, g.values.temp_max_c) for k, g in by_profile.items()),
+        )
+
+
+def _gauge(
+    name: str, doc: str, labels: tuple[str, ...], samples: Iterable[Iterable[object]]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=list(labels))
+    for sample in samples:
+        *label_values, value = tuple(sample)
+        if isinstance(value, int | float):
+            family.add_metric([str(v) for v in label_values], float(value))
+    return family
+
+
+def _latency(
+    name: str, doc: str, labels: tuple[str, ...], groups: Iterable[tuple[tuple[str, ...], _Group]]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=[*labels, "kind"])
+    for key, group in groups:
+        for kind, sketch in (("invoke", group.values.invoke), ("e2e", group.values.e2e)):
+            p95 = latency_sketch.quantile(sketch, 0.95)
+            if p95 is not None:
+                family.add_metric([*key, kind], p95)
+    return family
+
+
+class IngestCollector(Collector):
+    """Counters of this process's telemetry ingest."""
+
+    def __init__(self, writer: RollupWriter | None, ingest: TelemetryIngest | None) -> None:
+        self._writer = writer
+        self._ingest = ingest
+
+    def collect(self) -> Iterable[Metric]:
+        if self._ingest is not None:
+            yield GaugeMetricFamily(
+                "edgefleet_ingest_connected",
+                "1 while the telemetry subscriber is connected to the broker.",
+                value=1.0 if self._ingest.connected else 0.0,
+            )
+        stats = self._ingest.stats if self._ingest is not None else None
+        written = self._writer.stats if self._writer is not None else None
+        messages = CounterMetricFamily(
+            "edgefleet_ingest_messages",
+            "MQTT messages by outcome (duplicate: a QoS 1 repeat of an accepted outbox seq).",
+            labels=["result"],
+        )
+        if stats is not None:
+            messages.add_metric(["stored"], stats.stored)
+            messages.add_metric(["duplicate"], stats.duplicates)
+            messages.add_metric(["rejected"], stats.rejected)
+        yield messages
+        if written is None or self._writer is None:
+            return
+        for name, doc, value in (
+            ("edgefleet_ingest_windows", "Telemetry windows rolled up.", written.windows),
+            (
+                "edgefleet_ingest_batches",
+                "Batches written (one transaction each).",
+                written.batches,
+            ),
+            (
+                "edgefleet_ingest_flush_seconds",
+                "Time spent writing batches.",
+                written.flush_seconds,
+            ),
+            (
+                "edgefleet_device_outbox_dropped",
+                "Messages devices reported dropping from a full offline outbox.",
+                written.outbox_dropped,
+            ),
+            ("edgefleet_rollups_pruned", "Rollup rows removed by retention.", written.pruned),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
+            "edgefleet_ingest_queue_depth",
+            "Messages waiting for the next batch.",
+            value=self._writer.queue_depth,
+        )
+
+
+class SchedulerStats(Protocol):
+    """A rollout scheduler, in a thread or a process of its own."""
+
+    @property
+    def ticks(self) -> int: ...
+    @property
+    def tick_seconds(self) -> float: ...
+    @property
+    def last_round_s(self) -> float: ...
+
+
+class SchedulerCollector(Collector):
+    """How long this server's rollout engine takes per tick."""
+
+    def __init__(self, scheduler: SchedulerStats) -> None:
+        self._scheduler = scheduler
+
+    def collect(self) -> Iterable[Metric]:
+        sched = self._scheduler
+        yield CounterMetricFamily(
+            "edgefleet_rollout_ticks", "Rollout ticks run by this server.", value=sched.ticks
+        )
+        yield CounterMetricFamily(
+            "edgefleet_rollout_tick_seconds",
+            "Time spent in rollout ticks by this server.",
+            value=sched.tick_seconds,
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_rollout_last_round_seconds",
+            "Duration of the scheduler's last round over every active rollout.",
+            value=sched.last_round_s,
+        )
+
+
+class FleetMetrics:
+    """The private registry that ``GET /metrics`` renders."""
+
+    def __init__(
+        self,
+        db: Database,
+        config: ServerConfig,
+        *,
+        writer: RollupWriter | None = None,
+        ingest: TelemetryIngest | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(FleetCollector(db, config))
+        self.registry.register(IngestCollector(writer, ingest))
+
+    def add_scheduler(self, scheduler: SchedulerStats) -> None:
+        self.registry.register(SchedulerCollector(scheduler))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
