@@ -183,8 +183,13 @@ class ModelManifest:
         )
 
 
+def release_target_prefix(name: str, release: int) -> str:
+    """What every variant's target path of one release starts with."""
+    return f"models/{check_name(name)}/{release}/"
+
+
 def model_target_path(name: str, release: int, variant: str) -> str:
-    return f"models/{check_name(name)}/{release}/{variant}.tflite"
+    return f"{release_target_prefix(name, release)}{variant}.tflite"
 
 
 def delta_target_path(name: str, release: int, variant: str, base_sha256: str) -> str:

@@ -11,7 +11,7 @@ from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, UploadFile
 
-from agent.protocol.manifest import VARIANTS, model_target_path
+from agent.protocol.manifest import VARIANTS
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
 from server.api.schemas import (
     DEVICE_ID,
@@ -34,10 +34,8 @@ from server.api.schemas import (
 )
 from server.db import queries
 from server.db.tables import Device
-from server.errors import ConflictError, InvalidInputError, ModelValidationError
-from server.publish.deltas import build_deltas, choose_bases, fleet_bases
-from server.publish.golden_sets import prepare_golden_set
-from server.publish.registry import publish_model
+from server.errors import InvalidInputError, ModelValidationError
+from server.publish.service import Publisher, PublishRequest
 
 log = logging.getLogger(__name__)
 
@@ -178,40 +176,23 @@ def publish(
     if variant not in VARIANTS:
         raise InvalidInputError(f"unknown variant {variant!r}; expected {', '.join(VARIANTS)}")
     label_list = _labels(labels, labels_file, st.config.max_labels)
-    with st.publish_lock:
-        with st.db.session() as s:
-            if queries.model_exists(s, name, release, variant):
-                raise ConflictError(
-                    f"model {name} release {release} variant {variant} is already published"
-                )
-        upload = _spool(file.file, st.config.upload_dir)
-        golden_upload = _spool(golden_set.file, st.config.upload_dir) if golden_set else None
-        try:
-            extra = None
-            if golden_upload is not None and min_accuracy is not None:
-                extra = prepare_golden_set(
-                    st.repo, upload, golden_upload, name=name, release=release,
-                    variant=variant, labels=label_list, min_accuracy=min_accuracy,
-                )  # fmt: skip
-            manifest = publish_model(
-                st.repo, upload, name, release, variant, labels=label_list,
-                fp32_length=fp32_length, extra=extra,
-            )  # fmt: skip
-        except ModelValidationError as err:
-            # Name the client's file, not the server's spool path.
-            shown = f"uploaded file {file.filename or 'model'!r}"
-            raise ModelValidationError(str(err).replace(str(upload), shown)) from err
-        finally:
-            upload.unlink(missing_ok=True)
-            if golden_upload is not None:
-                golden_upload.unlink(missing_ok=True)
-        with st.db.session() as s:
-            row = queries.add_model(s, manifest)
-            out = ModelOut.model_validate(row)
-            published, installed = fleet_bases(s, manifest)
-        bases = choose_bases(manifest, published, installed)
-        new_path = st.repo.target_file(model_target_path(name, release, variant))
-        built = build_deltas(st.repo, manifest, new_path, bases)
+    upload = _spool(file.file, st.config.upload_dir)
+    golden_upload = _spool(golden_set.file, st.config.upload_dir) if golden_set else None
+    request = PublishRequest(
+        model=upload, name=name, release=release, variant=variant, labels=label_list,
+        fp32_length=fp32_length, golden_set=golden_upload, min_accuracy=min_accuracy,
+    )  # fmt: skip
+    try:
+        result = Publisher(st.repo, st.db, st.publish_lock).publish(request)
+    except ModelValidationError as err:
+        # Name the client's file, not the server's spool path.
+        shown = f"uploaded file {file.filename or 'model'!r}"
+        raise ModelValidationError(str(err).replace(str(upload), shown)) from err
+    finally:
+        upload.unlink(missing_ok=True)
+        if golden_upload is not None:
+            golden_upload.unlink(missing_ok=True)
+    out = ModelOut.model_validate(result.row)
     out.deltas = [
         DeltaOut(
             base_release=d.base_release,
@@ -220,12 +201,8 @@ def publish(
             length=d.length,
             method=d.method,
         )
-        for d in built
+        for d in result.deltas
     ]
-    log.info(
-        "published model %s@%s %s (%s bytes, %d deltas)",
-        name, release, variant, manifest.length, len(built),
-    )  # fmt: skip
     return out
 
 

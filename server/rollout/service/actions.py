@@ -21,7 +21,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from agent.protocol.manifest import model_target_path
+from agent.protocol.manifest import model_target_path, release_target_prefix
 from server.db import queries
 from server.db.tables import Assignment, Database, Device, Event, utcnow
 from server.errors import ConflictError, InvalidInputError, NotFoundError
@@ -285,8 +285,9 @@ def _revert(
                 path = model_target_path(name, release, variant)
                 ok = path in signed
             else:  # variant unknown: any signed variant of that release will do
-                path = f"models/{name}/{release}/*"
-                ok = any(p.startswith(path[:-1]) for p in signed)
+                prefix = release_target_prefix(name, release)
+                path = f"{prefix}*"
+                ok = any(p.startswith(prefix) for p in signed)
             if not ok:
                 missing[path] = missing.get(path, 0) + 1
         if missing:

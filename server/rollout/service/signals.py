@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from agent.protocol.manifest import release_target_prefix
 from server.rollout.core.spec import ReleaseRef
 from server.rollout.core.states import InstallStatus
 
@@ -40,14 +41,14 @@ class ReleaseMatch:
 
     name: str
     release: int
+    prefix: str  # every target path of this release starts with it
 
     @classmethod
     def of(cls, ref: ReleaseRef) -> ReleaseMatch:
-        return cls(ref.name, ref.release)
+        return cls(ref.name, ref.release, release_target_prefix(ref.name, ref.release))
 
     def target(self, value: object) -> bool:
-        # model_target_path(name, release, variant) == models/<name>/<release>/<variant>.tflite
-        return isinstance(value, str) and value.startswith(f"models/{self.name}/{self.release}/")
+        return isinstance(value, str) and value.startswith(self.prefix)
 
     def installed(self, name: str | None, release: int | None) -> bool:
         return name == self.name and release == self.release

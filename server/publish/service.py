@@ -1,0 +1,91 @@
+"""The publish workflow: one release from spooled upload to signed targets and deltas.
+
+The HTTP handler parses and spools the upload, then hands it here. The steps
+run under the repository's publish lock, in this order, so a failure leaves
+nothing half-published:
+
+1. refuse a release that already exists;
+2. score the golden set (if any) as the release's reference and sign it;
+3. validate the model, record its golden output and sign it as a TUF target;
+4. record the release in the database;
+5. build deltas from the releases the fleet runs and sign each one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.protocol.manifest import ModelManifest, model_target_path
+from server.db import queries
+from server.db.tables import Database, Model
+from server.errors import ConflictError
+from server.publish.deltas import BuiltDelta, build_deltas, choose_bases, fleet_bases
+from server.publish.golden_sets import prepare_golden_set
+from server.publish.registry import publish_model
+from server.publish.tuf_repo import TufRepository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    """A release to publish; ``model`` and ``golden_set`` are local files (spooled uploads)."""
+
+    model: Path
+    name: str
+    release: int
+    variant: str
+    labels: Sequence[str]
+    fp32_length: int | None = None
+    golden_set: Path | None = None
+    min_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    manifest: ModelManifest
+    row: Model
+    deltas: list[BuiltDelta]
+
+
+class Publisher:
+    """Publishes releases into one TUF repository and database, one at a time."""
+
+    def __init__(self, repo: TufRepository, db: Database, lock: threading.Lock) -> None:
+        self.repo = repo
+        self.db = db
+        self.lock = lock
+
+    def publish(self, req: PublishRequest) -> PublishResult:
+        with self.lock:
+            with self.db.session() as s:
+                if queries.model_exists(s, req.name, req.release, req.variant):
+                    raise ConflictError(
+                        f"model {req.name} release {req.release} variant {req.variant} "
+                        "is already published"
+                    )
+            extra = None
+            if req.golden_set is not None and req.min_accuracy is not None:
+                extra = prepare_golden_set(
+                    self.repo, req.model, req.golden_set, name=req.name, release=req.release,
+                    variant=req.variant, labels=list(req.labels), min_accuracy=req.min_accuracy,
+                )  # fmt: skip
+            manifest = publish_model(
+                self.repo, req.model, req.name, req.release, req.variant,
+                labels=list(req.labels), fp32_length=req.fp32_length, extra=extra,
+            )  # fmt: skip
+            with self.db.session() as s:
+                row = queries.add_model(s, manifest)
+                published, installed = fleet_bases(s, manifest)
+            bases = choose_bases(manifest, published, installed)
+            target = model_target_path(req.name, req.release, req.variant)
+            built = build_deltas(self.repo, manifest, self.repo.target_file(target), bases)
+        log.info(
+            "published model %s@%s %s (%s bytes, %d deltas)",
+            req.name, req.release, req.variant, manifest.length, len(built),
+        )  # fmt: skip
+        return PublishResult(manifest=manifest, row=row, deltas=built)
