@@ -13,7 +13,7 @@ twice changes nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from agent.protocol.manifest import release_target_prefix
@@ -41,11 +41,14 @@ class ReleaseMatch:
 
     name: str
     release: int
-    prefix: str  # every target path of this release starts with it
+    prefix: str = field(init=False)  # every target path of this release starts with it
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", release_target_prefix(self.name, self.release))
 
     @classmethod
     def of(cls, ref: ReleaseRef) -> ReleaseMatch:
-        return cls(ref.name, ref.release, release_target_prefix(ref.name, ref.release))
+        return cls(ref.name, ref.release)
 
     def target(self, value: object) -> bool:
         return isinstance(value, str) and value.startswith(self.prefix)
