@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 import requests
-from fleet_helpers import Operator, enroll_agent, wait_for
+from fleet_helpers import Operator, enroll_agent
 from mosquitto_proc import Mosquitto, Peer, wait_login
+from waiting import wait_for
 
 from agent.protocol import topics
 from server.app import ServerHandle

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_helpers import Operator, enroll_agent, wait_for
+from fleet_helpers import Operator, enroll_agent
+from waiting import wait_for
 
 from agent.daemon import Agent
 

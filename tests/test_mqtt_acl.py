@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import stat
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 import requests
 from mosquitto_proc import INGEST_USER, Mosquitto, Peer, connack, wait_login
+from waiting import eventually
 
 from agent.protocol import topics
 from agent.protocol.api import EnrollResponse
@@ -48,13 +48,6 @@ def latest(server: ServerHandle, device_id: str) -> dict[str, dict[str, Any]]:
         return {t.channel: t.payload for t in queries.latest_telemetry(s, device_id)}
 
 
-def wait_for(predicate: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture
@@ -123,7 +116,7 @@ def test_device_a_can_neither_spoof_nor_eavesdrop_on_device_b(
         peer_a.publish(topics.topic(b.device_id, channel), json.dumps({"spoofed": channel}))
     peer_a.publish(topics.topic(a.device_id, "cmd"), json.dumps({"self": "command"}))
     peer_a.publish(topics.topic(a.device_id, "telemetry"), json.dumps({"seq": 1, "own": True}))
-    assert wait_for(lambda: "telemetry" in latest(server, a.device_id))
+    assert eventually(lambda: "telemetry" in latest(server, a.device_id))
     assert latest(server, a.device_id) == {"telemetry": {"seq": 1, "own": True}}
     assert latest(server, b.device_id) == {}
 

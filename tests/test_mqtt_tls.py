@@ -14,8 +14,7 @@ import ipaddress
 import socket
 import ssl
 import struct
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from mosquitto_proc import Mosquitto, TlsFiles, wait_login
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import eventually
 
 from agent.transport.mqtt import MqttSettings, Publisher
 from agent.transport.outbox import Outbox
@@ -157,13 +157,6 @@ def enroll(server: ServerHandle) -> dict[str, Any]:
     return reply
 
 
-def wait_for(predicate: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def plain_mqtt_reply(port: int) -> bytes:
@@ -203,7 +196,7 @@ def test_tls_publisher_with_the_ca_gets_through_and_others_are_refused(
                 rows = {t.channel: t.payload for t in queries.latest_telemetry(s, dev["device_id"])}
             return rows.get("telemetry", {}).get("over") == "tls"
 
-        assert wait_for(stored)
+        assert eventually(stored)
     finally:
         publisher.stop()
         outbox.close()

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 from conftest import server_config
-from fleet_helpers import Operator, enroll_agent, wait_for
+from fleet_helpers import Operator, enroll_agent
 from sim_server import ServerProcess
+from waiting import wait_for
 
 from agent.daemon import Agent
 from server.simulator import Fleet, FleetThread, SimConfig, WindowSpec, build_behaviour

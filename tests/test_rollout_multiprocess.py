@@ -22,8 +22,9 @@ from typing import IO, Any
 
 import pytest
 import requests
-from rollout_helpers import Fleet, wait_for
+from rollout_helpers import Fleet
 from sqlalchemy import func, select
+from waiting import wait_for
 
 from agent.protocol.api import InstalledModel, checkin_body
 from agent.protocol.manifest import model_target_path

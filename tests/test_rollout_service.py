@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rollout_helpers import Fleet, SimDevice, Telemetry, published_fleet, wait_for
+from rollout_helpers import Fleet, SimDevice, Telemetry, published_fleet
 from sqlalchemy import func, select
+from waiting import wait_for
 
 from agent.protocol.manifest import model_target_path
 from server.app import ServerHandle

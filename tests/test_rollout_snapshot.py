@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from rollout_helpers import Fleet, SimDevice, published_fleet, wait_for
+from rollout_helpers import Fleet, SimDevice, published_fleet
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from waiting import wait_for
 
 from server.app import ServerHandle
 from server.db import queries

@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from rollout_helpers import published_fleet, wait_for
+from rollout_helpers import published_fleet
+from waiting import wait_for
 
 from server.app import ServerHandle
 from server.errors import ConfigError

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import queue
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import paho.mqtt.client as paho
 import pytest
 import requests
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import eventually
 
 from agent.protocol import topics
 from agent.protocol.api import EnrollResponse
@@ -115,13 +115,6 @@ def latest(server: ServerHandle, device_id: str) -> dict[str, dict[str, Any]]:
         return {t.channel: t.payload for t in queries.latest_telemetry(s, device_id)}
 
 
-def wait_for(predicate: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_only_issued_credentials_log_in(
@@ -152,7 +145,7 @@ def test_a_device_cannot_publish_as_another(
     peer_a.publish(f"edgefleet/v1/devices/{b.device_id}/telemetry/x", "{}")
     peer_a.publish("elsewhere/entirely", "{}")
     peer_a.publish(topics.topic(a.device_id, "telemetry"), json.dumps({"seq": 1}))
-    assert wait_for(lambda: "telemetry" in latest(module_server, a.device_id))
+    assert eventually(lambda: "telemetry" in latest(module_server, a.device_id))
     assert latest(module_server, a.device_id) == {"telemetry": {"seq": 1}}
     assert latest(module_server, b.device_id) == {}
 
@@ -210,7 +203,7 @@ def test_ingest_stores_each_channel_and_drops_garbage(
     peer.publish(t("events"), json.dumps({"type": "commit", "state": "commit", "release": 2}))
     peer.publish(t("state"), b"offline")
     peer.publish(t("telemetry"), json.dumps({"fps": 30.5, "release": 2}))
-    assert wait_for(lambda: "telemetry" in latest(module_server, dev.device_id))
+    assert eventually(lambda: "telemetry" in latest(module_server, dev.device_id))
     assert latest(module_server, dev.device_id) == {
         "telemetry": {"fps": 30.5, "release": 2},
         "results": {"top1": "3", "count": 7},
@@ -235,14 +228,14 @@ def test_broker_restart_keeps_port_and_ingest_recovers(
     dev = enroll(server, "hw-restart")
     port = server.mqtt_port
     server.broker.stop()
-    assert wait_for(lambda: not server.ingest.connected)
+    assert eventually(lambda: not server.ingest.connected)
     with pytest.raises(OSError):
         Peer(dev.mqtt.host, port, dev.mqtt.username, dev.mqtt.password)
     assert server.broker.start() == port
     assert server.ingest.wait_connected(WAIT_S)
     peer = device_peer(peers, dev)
     peer.publish(topics.topic(dev.device_id, "telemetry"), json.dumps({"after": "restart"}))
-    assert wait_for(lambda: latest(server, dev.device_id) == {"telemetry": {"after": "restart"}})
+    assert eventually(lambda: latest(server, dev.device_id) == {"telemetry": {"after": "restart"}})
 
 
 @pytest.mark.production
@@ -258,4 +251,4 @@ def test_ingest_from_an_external_mosquitto(
     peer = device_peer(peers, dev)
     peer.publish(topics.topic(dev.device_id, "telemetry"), json.dumps({"via": "mosquitto"}))
     peer.publish(topics.topic("dev-not-enrolled", "telemetry"), json.dumps({"via": "nobody"}))
-    assert wait_for(lambda: latest(server, dev.device_id) == {"telemetry": {"via": "mosquitto"}})
+    assert eventually(lambda: latest(server, dev.device_id) == {"telemetry": {"via": "mosquitto"}})

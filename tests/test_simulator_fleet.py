@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_helpers import FIXTURES, Operator, wait_for
+from fleet_helpers import FIXTURES, Operator
+from waiting import wait_for
 
 from agent.common.errors import VerificationError
 from agent.protocol.api import DesiredTarget, MqttCredentials
