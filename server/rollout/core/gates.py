@@ -165,6 +165,28 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:.1f}%" if unit == "%" else f"{value:g} {unit}"
 
 
+class RegressionSums:
+    """One regression gate's running sums: devices' values against their own baselines."""
+
+    __slots__ = ("bad", "base", "cur", "n", "possible")
+
+    def __init__(self) -> None:
+        self.possible = self.n = 0  # devices with a baseline; those that also reported
+        self.base = self.cur = 0.0
+        self.bad: list[str] = []
+
+    def add(self, device_id: str, base: float | None, value: float | None, factor: float) -> None:
+        if base is None or base <= 0:
+            return
+        self.possible += 1
+        if value is not None:
+            self.n += 1
+            self.base += base
+            self.cur += value
+            if value > base * factor:
+                self.bad.append(device_id)
+
+
 class ProfileStats:
     """Running sums for one profile; plain attributes, since this is the hot loop."""
 
@@ -175,26 +197,18 @@ class ProfileStats:
         "acc_sum",
         "finished",
         "install_failed",
-        "lat_bad",
-        "lat_base",
-        "lat_cur",
-        "lat_eval",
-        "lat_n",
-        "pow_bad",
-        "pow_base",
-        "pow_cur",
-        "pow_eval",
-        "pow_n",
+        "latency",
+        "power",
         "started",
     )
 
     def __init__(self) -> None:
         self.started = self.finished = 0
         self.install_failed: list[str] = []
-        self.lat_eval = self.lat_n = self.pow_eval = self.pow_n = self.acc_eval = self.acc_n = 0
-        self.lat_base = self.lat_cur = self.pow_base = self.pow_cur = self.acc_sum = 0.0
-        self.lat_bad: list[str] = []
-        self.pow_bad: list[str] = []
+        self.latency = RegressionSums()
+        self.power = RegressionSums()
+        self.acc_eval = self.acc_n = 0
+        self.acc_sum = 0.0
         self.acc_bad: list[str] = []
 
     def add(
@@ -202,25 +216,9 @@ class ProfileStats:
     ) -> None:
         """Add a succeeded device; the factors are 1 + limit (None: gate off)."""
         if latency is not None:
-            base, value = d.baseline_p95_ms, d.p95_ms
-            if base is not None and base > 0:
-                self.lat_eval += 1
-                if value is not None:
-                    self.lat_n += 1
-                    self.lat_base += base
-                    self.lat_cur += value
-                    if value > base * latency:
-                        self.lat_bad.append(d.device_id)
+            self.latency.add(d.device_id, d.baseline_p95_ms, d.p95_ms, latency)
         if power is not None:
-            base, value = d.baseline_power_mw, d.power_mw
-            if base is not None and base > 0:
-                self.pow_eval += 1
-                if value is not None:
-                    self.pow_n += 1
-                    self.pow_base += base
-                    self.pow_cur += value
-                    if value > base * power:
-                        self.pow_bad.append(d.device_id)
+            self.power.add(d.device_id, d.baseline_power_mw, d.power_mw, power)
         if accuracy is not None:
             self.acc_eval += 1
             score = d.golden_accuracy
@@ -256,35 +254,65 @@ def _needed(min_sample: int, possible: int) -> int:
     return min(min_sample, possible)
 
 
-def _regression(
-    name: str,
-    profile: str,
-    limit: Fraction,
-    *,
-    sums: tuple[float, float],
-    counts: tuple[int, int],
-    bad: list[str],
-    min_sample: int,
+def _pending(
+    name: str, profile: str, limit: float, bound: str, *, sample: int, needed: int
 ) -> GateResult:
-    base, cur = sums
-    possible, sample = counts
-    needed = _needed(min_sample, possible)
-    if sample == 0 or sample < needed:
-        return GateResult(name, profile, None, float(limit), "%", "max", False, sample, needed)
-    tripped = Fraction(cur) > Fraction(base) * (1 + limit / HUNDRED)
+    """A gate still waiting for ``needed`` devices to report."""
     return GateResult(
-        name,
-        profile,
-        (cur / base - 1.0) * 100.0,
-        float(limit),
-        "%",
-        "max",
-        tripped,
-        sample,
-        needed,
-        _named(tripped, bad),
-        f"{sample} devices against their own baseline",
-    )
+        name=name, profile=profile, value=None, limit=limit, unit="%", bound=bound,
+        tripped=False, sample=sample, needed=needed,
+    )  # fmt: skip
+
+
+def _install_failure(
+    profile: str, limit: Fraction, stats: ProfileStats, min_sample: int
+) -> GateResult:
+    needed = _needed(min_sample, stats.started)
+    if stats.finished == 0 or stats.finished < needed:
+        return _pending(
+            INSTALL_FAILURE_RATE, profile, float(limit), "max", sample=stats.finished, needed=needed
+        )
+    failed = len(stats.install_failed)
+    tripped = failed * HUNDRED > limit * stats.finished
+    return GateResult(
+        name=INSTALL_FAILURE_RATE, profile=profile, value=failed * 100.0 / stats.finished,
+        limit=float(limit), unit="%", bound="max", tripped=tripped, sample=stats.finished,
+        needed=needed, devices=_named(tripped, stats.install_failed),
+        detail=f"{failed} of {stats.finished} finished installs failed",
+    )  # fmt: skip
+
+
+def _regression(
+    name: str, profile: str, limit: Fraction, sums: RegressionSums, min_sample: int
+) -> GateResult:
+    needed = _needed(min_sample, sums.possible)
+    if sums.n == 0 or sums.n < needed:
+        return _pending(name, profile, float(limit), "max", sample=sums.n, needed=needed)
+    tripped = Fraction(sums.cur) > Fraction(sums.base) * (1 + limit / HUNDRED)
+    return GateResult(
+        name=name, profile=profile, value=(sums.cur / sums.base - 1.0) * 100.0,
+        limit=float(limit), unit="%", bound="max", tripped=tripped, sample=sums.n,
+        needed=needed, devices=_named(tripped, sums.bad),
+        detail=f"{sums.n} devices against their own baseline",
+    )  # fmt: skip
+
+
+def _golden_accuracy(
+    profile: str, minimum: Fraction, stats: ProfileStats, min_sample: int
+) -> GateResult:
+    needed = _needed(min_sample, stats.acc_eval)
+    limit_pct = float(minimum * HUNDRED)
+    if stats.acc_n == 0 or stats.acc_n < needed:
+        return _pending(
+            GOLDEN_ACCURACY, profile, limit_pct, "min", sample=stats.acc_n, needed=needed
+        )
+    tripped = Fraction(stats.acc_sum) < minimum * stats.acc_n
+    return GateResult(
+        name=GOLDEN_ACCURACY, profile=profile, value=stats.acc_sum / stats.acc_n * 100.0,
+        limit=limit_pct, unit="%", bound="min", tripped=tripped, sample=stats.acc_n,
+        needed=needed, devices=_named(tripped, stats.acc_bad),
+        detail=f"mean over {stats.acc_n} devices",
+    )  # fmt: skip
 
 
 def _named(tripped: bool, devices: list[str]) -> tuple[str, ...]:
@@ -293,100 +321,18 @@ def _named(tripped: bool, devices: list[str]) -> tuple[str, ...]:
 
 def judge_profile(profile: str, stats: ProfileStats, gates: GateLimits) -> list[GateResult]:
     """Every enabled gate for one profile."""
-    results: list[GateResult] = []
     n = gates.min_sample
+    results: list[GateResult] = []
     if gates.max_install_failure is not None:
-        limit = gates.max_install_failure
-        needed = _needed(n, stats.started)
-        failed = len(stats.install_failed)
-        if stats.finished == 0 or stats.finished < needed:
-            results.append(
-                GateResult(
-                    INSTALL_FAILURE_RATE,
-                    profile,
-                    None,
-                    float(limit),
-                    "%",
-                    "max",
-                    False,
-                    stats.finished,
-                    needed,
-                )
-            )
-        else:
-            tripped = failed * HUNDRED > limit * stats.finished
-            results.append(
-                GateResult(
-                    INSTALL_FAILURE_RATE,
-                    profile,
-                    failed * 100.0 / stats.finished,
-                    float(limit),
-                    "%",
-                    "max",
-                    tripped,
-                    stats.finished,
-                    needed,
-                    _named(tripped, stats.install_failed),
-                    f"{failed} of {stats.finished} finished installs failed",
-                )
-            )
+        results.append(_install_failure(profile, gates.max_install_failure, stats, n))
     if gates.max_latency_regression is not None:
         results.append(
-            _regression(
-                LATENCY_REGRESSION,
-                profile,
-                gates.max_latency_regression,
-                sums=(stats.lat_base, stats.lat_cur),
-                counts=(stats.lat_eval, stats.lat_n),
-                bad=stats.lat_bad,
-                min_sample=n,
-            )
+            _regression(LATENCY_REGRESSION, profile, gates.max_latency_regression, stats.latency, n)
         )
     if gates.max_power_regression is not None:
         results.append(
-            _regression(
-                POWER_REGRESSION,
-                profile,
-                gates.max_power_regression,
-                sums=(stats.pow_base, stats.pow_cur),
-                counts=(stats.pow_eval, stats.pow_n),
-                bad=stats.pow_bad,
-                min_sample=n,
-            )
+            _regression(POWER_REGRESSION, profile, gates.max_power_regression, stats.power, n)
         )
     if gates.min_golden_accuracy is not None:
-        minimum = gates.min_golden_accuracy
-        needed = _needed(n, stats.acc_eval)
-        limit_pct = float(minimum * HUNDRED)
-        if stats.acc_n == 0 or stats.acc_n < needed:
-            results.append(
-                GateResult(
-                    GOLDEN_ACCURACY,
-                    profile,
-                    None,
-                    limit_pct,
-                    "%",
-                    "min",
-                    False,
-                    stats.acc_n,
-                    needed,
-                )
-            )
-        else:
-            tripped = Fraction(stats.acc_sum) < minimum * stats.acc_n
-            results.append(
-                GateResult(
-                    GOLDEN_ACCURACY,
-                    profile,
-                    stats.acc_sum / stats.acc_n * 100.0,
-                    limit_pct,
-                    "%",
-                    "min",
-                    tripped,
-                    stats.acc_n,
-                    needed,
-                    _named(tripped, stats.acc_bad),
-                    f"mean over {stats.acc_n} devices",
-                )
-            )
+        results.append(_golden_accuracy(profile, gates.min_golden_accuracy, stats, n))
     return results

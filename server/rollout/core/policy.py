@@ -247,17 +247,17 @@ def _judge(stages: Sequence[StageSpec], tally: _Tally, cur: int) -> list[GateRes
     if stage.success is not None and size and reachable < required:
         results.append(
             GateResult(
-                SUCCESS_THRESHOLD,
-                None,
-                float(reachable),
-                float(required),
-                "devices",
-                "min",
-                True,
-                size,
-                size,
-                tuple(sorted(tally.failed_ids[cur])),
-                f"{reachable} of {size} stage devices can still succeed",
+                name=SUCCESS_THRESHOLD,
+                profile=None,
+                value=float(reachable),
+                limit=float(required),
+                unit="devices",
+                bound="min",
+                tripped=True,
+                sample=size,
+                needed=size,
+                devices=tuple(sorted(tally.failed_ids[cur])),
+                detail=f"{reachable} of {size} stage devices can still succeed",
             )
         )
     return results
@@ -397,17 +397,17 @@ def _error_gate(
     else:
         value, unit = float(count), "devices"
     return GateResult(
-        ERROR_THRESHOLD,
-        None,
-        value,
-        float(limit.value),
-        unit,
-        "max",
-        tripped,
-        size,
-        0,
-        named,
-        detail,
+        name=ERROR_THRESHOLD,
+        profile=None,
+        value=value,
+        limit=float(limit.value),
+        unit=unit,
+        bound="max",
+        tripped=tripped,
+        sample=size,
+        needed=0,
+        devices=named,
+        detail=detail,
         stage=index,
     )
 
