@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from agent.protocol.api import InstalledModel
 from agent.protocol.manifest import Golden, ModelManifest, TensorSpec, model_target_path
-from server.db import queries
-from server.db.tables import Database, EnrollmentToken, utcnow
+from server.db import hot_path, queries
+from server.db.tables import Database, Device, EnrollmentToken, utcnow
 from server.errors import AuthError, ConflictError, ForbiddenError, InvalidInputError, NotFoundError
 
 SHA = "ab" * 32
@@ -57,6 +58,12 @@ def enroll(db: Database, hw: str, tags: dict[str, str], prefs: list[str]) -> que
         )
 
 
+def authenticated(s: Session, device_id: str, token: str) -> Device:
+    """The device row, through the same check the device API runs on every request."""
+    hot_path.authenticate(s.connection(), device_id, queries.hash_secret(token))
+    return queries.get_device(s, device_id)
+
+
 def desired(db: Database, device_id: str) -> tuple[str, int, str] | None:
     with db.session() as s:
         target = queries.resolve_desired(s, queries.get_device(s, device_id))
@@ -66,7 +73,7 @@ def desired(db: Database, device_id: str) -> tuple[str, int, str] | None:
 def test_enroll_issues_hashed_credentials_and_reenroll_rotates(db: Database) -> None:
     first = enroll(db, "hw-1", {"store": "17"}, ["int8-cpu"])
     with db.session() as s:
-        device = queries.authenticate_device(s, first.device_id, first.device_token)
+        device = authenticated(s, first.device_id, first.device_token)
         # Only digests are stored, never the secrets themselves.
         assert device.token_hash == queries.hash_secret(first.device_token)
         assert first.device_token not in (device.token_hash, device.mqtt_password_hash)
@@ -79,9 +86,9 @@ def test_enroll_issues_hashed_credentials_and_reenroll_rotates(db: Database) -> 
     assert second.device_token != first.device_token
     with db.session() as s:
         with pytest.raises(AuthError):
-            queries.authenticate_device(s, first.device_id, first.device_token)
+            authenticated(s, first.device_id, first.device_token)
         assert not queries.check_mqtt_password(s, first.device_id, first.mqtt_password)
-        device = queries.authenticate_device(s, second.device_id, second.device_token)
+        device = authenticated(s, second.device_id, second.device_token)
         assert device.tags == {"store": "18"}
         assert [d.id for d in queries.list_devices(s, ("store", "18"))] == [device.id]
         assert queries.list_devices(s, ("store", "17")) == []
@@ -93,9 +100,9 @@ def test_token_of_one_device_is_forbidden_on_another(db: Database) -> None:
     a = enroll(db, "hw-a", {}, ["int8-cpu"])
     b = enroll(db, "hw-b", {}, ["int8-cpu"])
     with pytest.raises(ForbiddenError), db.session() as s:
-        queries.authenticate_device(s, b.device_id, a.device_token)
+        authenticated(s, b.device_id, a.device_token)
     with pytest.raises(AuthError), db.session() as s:
-        queries.authenticate_device(s, a.device_id, "not-a-token")
+        authenticated(s, a.device_id, "not-a-token")
 
 
 def test_enrollment_tokens_expire_and_run_out(db: Database) -> None:

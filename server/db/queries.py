@@ -39,7 +39,7 @@ from server.db.tables import (
     as_utc,
     utcnow,
 )
-from server.errors import AuthError, ConflictError, ForbiddenError, InvalidInputError, NotFoundError
+from server.errors import AuthError, ConflictError, InvalidInputError, NotFoundError
 from server.telemetry.bandwidth import record_download
 
 TAG_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -176,16 +176,6 @@ def enroll_device(
     s.add_all(DeviceTag(device_id=device.id, key=k, value=v) for k, v in tags.items())
     add_event(s, device.id, "reenrolled" if reenrolled else "enrolled", source="http")
     return Credentials(device.id, token, mqtt_password, reenrolled)
-
-
-def authenticate_device(s: Session, device_id: str, token: str) -> Device:
-    """The device owning ``token``; 401 for an unknown token, 403 for another device's path."""
-    device = s.scalars(select(Device).where(Device.token_hash == hash_secret(token))).one_or_none()
-    if device is None:
-        raise AuthError("device token is invalid")
-    if not hmac.compare_digest(device.id.encode(), device_id.encode()):
-        raise ForbiddenError("this device token belongs to another device")
-    return device
 
 
 def check_mqtt_password(s: Session, device_id: str, password: str) -> bool:
