@@ -10,6 +10,7 @@ worker) runs on its own thread on a socket bound here, so port 0 works.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -182,6 +183,11 @@ def _start_http(
     return server, thread
 
 
+def _stop_http(server: uvicorn.Server, thread: threading.Thread) -> None:
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
 def _display_url(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     if ipaddress.ip_address(host).is_unspecified:
@@ -206,20 +212,17 @@ def start_server(config: ServerConfig) -> ServerHandle:
     token = ensure_operator_token(cfg)
     repo = open_or_create_repo(cfg)
     assert cfg.db_url is not None
-    db = Database(cfg.db_url, pool_size=cfg.http_threads)
-    try:
+    with contextlib.ExitStack() as undo:  # on failure, stops what was started, newest first
+        db = Database(cfg.db_url, pool_size=cfg.http_threads)
+        undo.callback(db.dispose)
         scheduler = _scheduler(cfg, db)  # a bad choice fails before anything starts
-    except ConfigError:
-        db.dispose()
-        raise
-    db.create_all()
-    broker: EmbeddedBroker | None = None
-    ingest: TelemetryIngest | None = None
-    sock: socket.socket | None = None
-    writer = RollupWriter(db, RollupConfig.from_server(cfg))
-    writer.start()
-    try:
+        db.create_all()
+        writer = RollupWriter(db, RollupConfig.from_server(cfg))
+        writer.start()
+        undo.callback(writer.stop)
         broker, endpoint, public = _start_mqtt(cfg, db)
+        if broker is not None:
+            undo.callback(broker.stop)
         ingest = TelemetryIngest(
             db,
             endpoint,
@@ -228,40 +231,34 @@ def start_server(config: ServerConfig) -> ServerHandle:
             cfg.mqtt_keepalive_s,
             sink=writer,
             on_subscribed=broker.ingest_ready if broker is not None else None,
-            manual_ack=broker is None and cfg.ingest_ack_after_commit,  # see server.ingest
+            manual_ack=broker is None and cfg.ingest_ack_after_commit,  # see server.mqtt.ingest
         )
+        undo.callback(ingest.stop)
         ingest.start(cfg.startup_timeout_s)
         metrics = FleetMetrics(db, cfg, writer=writer, ingest=ingest)
         sock = _bind(cfg.host, cfg.port)
+        undo.callback(sock.close)
         server, thread = _start_http(cfg, AppState(cfg, db, repo, token, public), sock, metrics)
-    except BaseException:
-        if sock is not None:
-            sock.close()
-        if broker is not None:
-            broker.stop()
-        if ingest is not None:
-            ingest.stop()
-        writer.stop()
-        db.dispose()
-        raise
-    handle = ServerHandle(
-        config=cfg,
-        url=_display_url(sock),
-        operator_token=token,
-        db=db,
-        repo=repo,
-        ingest=ingest,
-        broker=broker,
-        mqtt_host=public.host,
-        mqtt_port=public.port,
-        _uvicorn=server,
-        _thread=thread,
-        writer=writer,
-        metrics=metrics,
-    )
-    handle.start_refresher()
-    handle.scheduler = scheduler
-    metrics.add_scheduler(handle.scheduler)
-    handle.scheduler.start()
+        undo.callback(_stop_http, server, thread)
+        handle = ServerHandle(
+            config=cfg,
+            url=_display_url(sock),
+            operator_token=token,
+            db=db,
+            repo=repo,
+            ingest=ingest,
+            broker=broker,
+            mqtt_host=public.host,
+            mqtt_port=public.port,
+            _uvicorn=server,
+            _thread=thread,
+            writer=writer,
+            metrics=metrics,
+        )
+        handle.scheduler = scheduler
+        metrics.add_scheduler(scheduler)
+        scheduler.start()
+        handle.start_refresher()
+        undo.pop_all()  # started: from here on the handle's stop() owns every part
     log.info("fleet server API at %s (MQTT %s:%s)", handle.url, public.host, public.port)
     return handle

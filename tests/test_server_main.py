@@ -6,10 +6,12 @@ import os
 import queue
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,29 @@ def test_restart_reuses_keys_repository_token_and_devices(tmp_path: Path) -> Non
     (tmp_path / "operator.token").chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         start_server(config)
+
+
+def test_a_failed_start_stops_every_part_it_started(tmp_path: Path) -> None:
+    """The HTTP port is taken: start fails after the broker, ingest and writer are up,
+    and must leave no thread and no listening broker behind."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    before = {t.ident for t in threading.enumerate()}
+    config = ServerConfig(
+        data_dir=tmp_path, port=port, operator_token="op-" + "x" * 24, log_level="warning",
+        mqtt_bind_port=0,
+    )  # fmt: skip
+    try:
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+            start_server(config)
+    finally:
+        taken.close()
+    deadline = time.monotonic() + 10
+    while True:
+        left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == []
