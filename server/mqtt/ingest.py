@@ -75,6 +75,21 @@ def decode_payload(channel: str, payload: bytes, max_bytes: int) -> dict[str, An
     return value
 
 
+def _client(endpoint: MqttEndpoint, client_id: str, *, clean_session: bool) -> paho.Client:
+    """The server's paho client for ``endpoint``, with its login and TLS."""
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=clean_session,
+        protocol=paho.MQTTv311,
+    )
+    if endpoint.username is not None:
+        client.username_pw_set(endpoint.username, endpoint.password)
+    if endpoint.tls:
+        client.tls_set(ca_certs=endpoint.ca_file)
+    return client
+
+
 def discard_session(endpoint: MqttEndpoint, client_id: str, timeout: float = 10.0) -> None:
     """Drop the broker's persistent session for ``client_id`` (a clean-session connect does).
 
@@ -82,16 +97,7 @@ def discard_session(endpoint: MqttEndpoint, client_id: str, timeout: float = 10.
     queueing every device message on an external broker.
     """
     done = threading.Event()
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        clean_session=True,
-        protocol=paho.MQTTv311,
-    )
-    if endpoint.username is not None:
-        client.username_pw_set(endpoint.username, endpoint.password)
-    if endpoint.tls:
-        client.tls_set(ca_certs=endpoint.ca_file)
+    client = _client(endpoint, client_id, clean_session=True)
     client.on_connect = lambda *_args: done.set()
     try:
         client.connect(endpoint.host, endpoint.port)
@@ -132,16 +138,7 @@ class TelemetryIngest:
         self._lock = threading.Lock()
         self._stored = 0
         self._rejected = 0
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=False,
-            protocol=paho.MQTTv311,
-        )
-        if endpoint.username is not None:
-            client.username_pw_set(endpoint.username, endpoint.password)
-        if endpoint.tls:
-            client.tls_set(ca_certs=endpoint.ca_file)
+        client = _client(endpoint, client_id, clean_session=False)
         client.manual_ack_set(sink is not None and manual_ack)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.on_connect = self._on_connect
