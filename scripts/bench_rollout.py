@@ -15,7 +15,7 @@
    for ``--mqtt-devices`` devices spread over the fleet (the gates' sample).
 5. A rollout of release 2 to all of them, stages 1%,10%,50%,100%, soak ``--soak``.
    The engine tick is timed by the server's own scheduler, which keeps the
-   rollout's device facts in memory between ticks (``rollout_service.snapshot``):
+   rollout's device facts in memory between ticks (``rollout.service.snapshot``):
    the mean over the rollout comes from its ``edgefleet_rollout_tick_seconds`` and
    ``edgefleet_rollout_ticks`` counters on ``/metrics``, read before and after.
 

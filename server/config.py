@@ -141,7 +141,7 @@ class ServerConfig:
     # Rollouts: how often the scheduler ticks (also $EDGEFLEET_ROLLOUT_TICK_S)
     rollout_tick_interval_s: float = dataclasses.field(default_factory=_rollout_tick_default)
     # "process": the scheduler in a process of its own (PostgreSQL only; see
-    # server.scheduler_process); "thread": in this process; "auto": process on PostgreSQL.
+    # server.rollout.scheduler); "thread": in this process; "auto": process on PostgreSQL.
     rollout_scheduler: str = "auto"
 
     @property

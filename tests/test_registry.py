@@ -1,4 +1,4 @@
-"""server.publish.registry and agent.golden on the real fixture models with real LiteRT."""
+"""server.publish.registry and agent.inference.smoke_vector on the real fixture models with real LiteRT."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ CFG = RollupConfig()
 
 
 def window(**overrides: Any) -> dict[str, Any]:
-    """A telemetry window as ``agent/telemetry.py`` builds it."""
+    """A telemetry window as ``agent/telemetry/window.py`` builds it."""
     payload: dict[str, Any] = {
         "window_s": 10.0,
         "inferences": 300,

@@ -45,7 +45,7 @@ from server.telemetry.bandwidth import record_download
 
 def _table(model: type[Base]) -> Table:
     table = model.__table__
-    if not isinstance(table, Table):  # every model in server.db maps one plain table
+    if not isinstance(table, Table):  # every model in server.db.tables maps one plain table
         raise TypeError(f"{model.__name__} is not mapped to a table")
     return table
 

@@ -13,7 +13,7 @@ In the API process the scheduler thread shares one GIL with every request
 thread: at thousands of check-ins a second a 60 ms tick took seconds of wall
 time, and each tick stalled the requests. In its own process the tick has a
 core's share to itself, and it keeps its rollouts' facts in memory
-(``rollout_service.snapshot``) without another process's writes making them
+(``rollout.service.snapshot``) without another process's writes making them
 stale. The engine is safe with any number of processes on one PostgreSQL
 (row locks), which is what makes the split free. SQLite keeps the thread: its
 rollout locks are process-wide locks.

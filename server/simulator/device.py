@@ -73,7 +73,7 @@ class SimDevice:
         self.ctx = ctx
         self.active: Active | None = None
         self.silent = False
-        self.record = UpdateRecord()  # the update in progress, as agent.updater keeps it
+        self.record = UpdateRecord()  # the update in progress, as agent.update.updater keeps it
         self.failures: dict[str, int] = {}
         self.link: MqttLink | None = None
         self.wake = asyncio.Event()

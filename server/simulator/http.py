@@ -22,7 +22,7 @@ from agent.transport.event_queue import PendingEvent, batch_body
 from server.simulator.http_pool import HttpPool, HttpPoolError, PoolLimits
 from server.simulator.stats import FleetStats
 
-MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # as agent.client
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # as agent.transport.device_api
 _MAX_ERROR_CHARS = 200
 
 

@@ -40,7 +40,7 @@ class SimConfig:
     events: str = "both"  # how linked devices report events (unlinked ones use HTTP)
     fail_step: str = "smoke_test"  # where a simulated install failure strikes
     step_s: float = 0.0  # simulated time each update step takes
-    max_attempts: int = 3  # per target, as the agent (agent.updater.MAX_ATTEMPTS_PER_TARGET)
+    max_attempts: int = 3  # per target, as the agent (agent.update.updater.MAX_ATTEMPTS_PER_TARGET)
     telemetry: WindowSpec = field(default_factory=WindowSpec)
     mqtt: LinkLimits = field(default_factory=LinkLimits)
     golden_count: int = 100  # samples a simulated golden-set report claims

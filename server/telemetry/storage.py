@@ -4,7 +4,7 @@
 transaction: the newest payload per device and channel, ``last_seen``,
 events, the QoS 1 dedupe cursors and the rollup rows. Every agent message
 carries its outbox ``seq``; a per-device cursor (``ingest_cursors``) drops
-anything at or before the newest accepted one (``rollup_values.is_repeat``).
+anything at or before the newest accepted one (``windows.is_repeat``).
 The cursor rows are locked in device order (``FOR UPDATE`` on PostgreSQL;
 SQLite has one writer), which also serialises the read-merge-upsert of that
 device's rollup rows when several server replicas ingest the same stream.

@@ -99,7 +99,7 @@ class RollupValues:
     e2e: Sketch = field(default_factory=dict)
 
     def add_window(self, payload: dict[str, Any]) -> None:
-        """Add one ``telemetry`` window payload (see ``agent/telemetry.py``)."""
+        """Add one ``telemetry`` window payload (see ``agent/telemetry/window.py``)."""
         inferences = count(payload.get("inferences"))
         self.windows += 1
         self.inferences += inferences

@@ -2,7 +2,7 @@
 
 The MQTT thread only queues messages (``submit``); the writer takes up to
 ``flush_max_messages``, or whatever arrived within ``flush_interval_s`` of
-the first, and writes them in ONE transaction (``rollup_store.write_batch``:
+the first, and writes them in ONE transaction (``storage.write_batch``:
 latest payloads, dedupe by (device, seq), 1-minute rollups). Each message's
 ``ack`` runs after its commit; the ingest makes that the broker PUBACK when
 ``ingest_ack_after_commit`` is on (then a server crash loses nothing a device

@@ -32,7 +32,7 @@ from server.rollout.core.units import (
     text_of,
 )
 
-# Same shapes as server.store's tag rules, repeated so this core needs no database code.
+# Same shapes as server.db.queries' tag rules, repeated so this core needs no database code.
 TAG_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TAG_VALUE = re.compile(r"^[\w.:/@+-]{1,128}$")
 
