@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from server import __version__
 from server.api import bandwidth, devices, mqtt_export, operator, rollouts, telemetry, tuf
 from server.api.deps import AppState
-from server.api.errors import install_error_handlers
+from server.api.error_handlers import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
 from server.telemetry.metrics import FleetMetrics
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import error_response
+from server.api.error_handlers import error_response
 
 TOO_LARGE = "request body is too large"
 
