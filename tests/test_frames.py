@@ -1,9 +1,10 @@
-"""agent.inference.sources on real image and array files."""
+"""agent.inference.sources on real image and array files: frames in camera space."""
 
 from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,35 +13,61 @@ import pytest
 from PIL import Image
 
 from agent.common.errors import FrameSourceError
-from agent.inference.sources import DirSource, FrameConfig, frame_shape, open_source
+from agent.inference.sources import (
+    DirSource,
+    Frame,
+    FrameConfig,
+    SourceState,
+    SourceStats,
+    frame_shape,
+    open_source,
+)
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_frames"
 SHAPE = (1, 32, 32, 3)
 
 
-def test_dir_of_png_and_npy_yields_matching_frames() -> None:
+def assert_camera_frame(frame: Frame, height: int, width: int) -> None:
+    assert frame.shape == (height, width, 3) and frame.dtype == np.uint8
+    assert frame.flags.c_contiguous and not frame.flags.writeable
+
+
+def test_dir_of_png_and_npy_yields_camera_frames() -> None:
     source = open_source(f"dir:{GOLDEN}", SHAPE)
     files = sorted(p for p in GOLDEN.iterdir() if p.suffix in (".png", ".npy"))
     frames = [next(source) for _ in files]
     for frame in frames:
-        assert frame.shape == (32, 32, 3) and frame.dtype == np.float32
-        assert float(frame.min()) >= 0.0 and float(frame.max()) <= 1.0
-        assert not frame.flags.writeable
-    # Each PNG is the uint8 rendering of its .npy twin.
+        assert_camera_frame(frame, 32, 32)
+    # Each PNG is the uint8 rendering of its legacy float .npy twin: round(x * 255).
     by_name = dict(zip((p.name for p in files), frames, strict=True))
     for npy in GOLDEN.glob("*.npy"):
         png = by_name[npy.with_suffix(".png").name]
-        assert float(np.abs(png - by_name[npy.name]).max()) <= 1 / 255 + 1e-6
-        np.testing.assert_array_equal(by_name[npy.name], np.load(npy))
+        expected = np.round(np.load(npy).astype(np.float64) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(by_name[npy.name], expected)
+        np.testing.assert_array_equal(png, np.asarray(Image.open(npy.with_suffix(".png"))))
 
 
-def test_dir_source_cycles_forever() -> None:
+def test_dir_source_cycles_forever_and_counts() -> None:
     source = open_source(f"dir:{GOLDEN}", SHAPE)
     count = len([p for p in GOLDEN.iterdir() if p.suffix in (".png", ".npy")])
     first = [next(source) for _ in range(count)]
     again = [next(source) for _ in range(count)]
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
+    stats = source.stats()
+    assert stats == SourceStats(SourceState.STREAMING, 0.0, 2 * count, 2 * count, 0, 0, 0, 0.0)
+    assert stats.as_dict()["state"] == "streaming"
+    assert source.health().ok
+
+
+def test_every_frame_mode_makes_one_pass(tmp_path: Path) -> None:
+    for name in ("digit_1_0.npy", "digit_2_1.npy"):
+        shutil.copy(GOLDEN / name, tmp_path)
+    source = open_source(f"dir:{tmp_path}", every_frame=True)
+    assert len(list(source)) == 2
+    assert source.stats().state is SourceState.ENDED
+    looping = open_source(f"dir:{tmp_path}", every_frame=True, loop=True)
+    assert len([next(looping) for _ in range(5)]) == 5
 
 
 def test_cycles_without_cache_too(tmp_path: Path) -> None:
@@ -50,40 +77,68 @@ def test_cycles_without_cache_too(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a, b)
 
 
-def test_images_are_resized_and_converted(tmp_path: Path) -> None:
+def test_images_keep_their_size_and_become_rgb(tmp_path: Path) -> None:
     rgba = np.zeros((120, 90, 4), np.uint8)
     rgba[..., 0] = 255
     rgba[..., 3] = 255
     Image.fromarray(rgba, "RGBA").save(tmp_path / "big.png")
-    Image.fromarray(np.full((40, 40), 128, np.uint8), "L").save(tmp_path / "gray.jpg")
-    source = open_source(f"dir:{tmp_path}", (32, 32, 3))
+    Image.fromarray(np.full((40, 50), 128, np.uint8), "L").save(tmp_path / "gray.jpg")
+    source = open_source(f"dir:{tmp_path}", (32, 32, 3))  # the model's shape changes nothing
     red, gray = next(source), next(source)  # sorted: big.png, gray.jpg
-    assert red.shape == gray.shape == (32, 32, 3)
-    np.testing.assert_allclose(red[..., 0], 1.0)
-    np.testing.assert_allclose(red[..., 1:], 0.0)
-    assert abs(float(gray.mean()) - 128 / 255) < 0.02
+    assert_camera_frame(red, 120, 90)
+    assert_camera_frame(gray, 40, 50)
+    assert (red[..., 0] == 255).all() and (red[..., 1:] == 0).all()
+    assert abs(float(gray.mean()) - 128) <= 2 and (gray[..., 0] == gray[..., 2]).all()
 
 
-def test_npy_batches_grayscale_and_uint8(tmp_path: Path) -> None:
-    batch = np.stack([np.full((32, 32, 3), v, np.float32) for v in (0.1, 0.2, 0.3)])
+def test_npy_batches_grayscale_uint8_and_legacy_floats(tmp_path: Path) -> None:
+    batch = np.stack([np.full((24, 20, 3), v, np.float32) for v in (0.1, 0.2, 0.25)])
     np.save(tmp_path / "a_batch.npy", batch)
     np.save(tmp_path / "b_gray.npy", np.full((32, 32), 51, np.uint8))
-    source = open_source(f"dir:{tmp_path}", SHAPE)
-    values = [float(next(source).mean()) for _ in range(4)]
-    assert values == pytest.approx([0.1, 0.2, 0.3, 0.2])
-    assert next(source).shape == (32, 32, 3)
+    np.save(tmp_path / "c_gray1.npy", np.full((8, 9, 1), 7, np.uint8))
+    np.save(tmp_path / "d_rgb.npy", np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3))
+    source = open_source(f"dir:{tmp_path}")
+    floats = [next(source) for _ in range(3)]
+    assert [int(f[0, 0, 0]) for f in floats] == [26, 51, 64]  # round(x * 255)
+    assert_camera_frame(floats[0], 24, 20)
+    gray = next(source)
+    assert_camera_frame(gray, 32, 32)
+    assert (gray == 51).all()
+    gray1 = next(source)
+    assert_camera_frame(gray1, 8, 9)
+    np.testing.assert_array_equal(next(source), np.load(tmp_path / "d_rgb.npy"))
 
 
-def test_synthetic_is_deterministic_and_in_range() -> None:
+def test_floats_just_outside_the_unit_range_are_rounding(tmp_path: Path) -> None:
+    np.save(tmp_path / "f.npy", np.array([[[-0.0005, 0.5, 1.0005]]], np.float32))
+    assert next(open_source(f"dir:{tmp_path}")).tolist() == [[[0, 128, 255]]]
+
+
+def test_synthetic_is_deterministic_uint8_rgb() -> None:
     a = open_source("synthetic", SHAPE)
     b = open_source("synthetic", (32, 32, 3))
     c = open_source("synthetic:7", SHAPE)
     fa, fb, fc = next(a), next(b), next(c)
     np.testing.assert_array_equal(fa, fb)
     assert not np.array_equal(fa, fc)
-    assert fa.dtype == np.float32 and fa.shape == (32, 32, 3)
-    assert float(fa.min()) >= 0.0 and float(fa.max()) < 1.0
+    assert_camera_frame(fa, 32, 32)
+    assert int(fa.min()) < 10 and int(fa.max()) > 245
     assert not np.array_equal(fa, next(a))
+    assert a.stats().frames_delivered == 2
+    assert 0 < a.captured_ns <= time.perf_counter_ns()
+
+
+def test_synthetic_defaults_to_vga_and_ignores_channels() -> None:
+    assert_camera_frame(next(open_source("synthetic")), 480, 640)
+    assert_camera_frame(next(open_source("synthetic:3", (1, 96, 128, 1))), 96, 128)
+
+
+def test_closed_sources_refuse_frames() -> None:
+    with open_source("synthetic") as source:
+        next(source)
+    assert source.stats().state is SourceState.CLOSED
+    with pytest.raises(FrameSourceError, match="is closed"):
+        next(source)
 
 
 @pytest.mark.parametrize(("spec", "match"), [
@@ -102,6 +157,8 @@ def test_bad_shapes() -> None:
     for shape in ((32, 32), (2, 32, 32, 3), (32, 32, 4), (0, 32, 3)):
         with pytest.raises(FrameSourceError, match="frame shape"):
             frame_shape(shape)
+    with pytest.raises(FrameSourceError, match="frame shape"):
+        open_source("synthetic", (3, 224, 224, 3))
 
 
 def test_missing_and_empty_directories(tmp_path: Path) -> None:
@@ -140,11 +197,10 @@ def test_npy_only_dirs_need_no_pillow(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_corrupt_file_is_skipped_and_the_rest_still_cycle(tmp_path: Path) -> None:
     (tmp_path / "a_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    shutil.copy(GOLDEN / "digit_2_1.npy", tmp_path / "b_good.npy")
+    np.save(tmp_path / "b_good.npy", np.full((5, 6, 3), 9, np.uint8))
     source = open_source(f"dir:{tmp_path}", SHAPE)
-    good = np.load(tmp_path / "b_good.npy")
     for _ in range(3):
-        np.testing.assert_array_equal(next(source), good)
+        np.testing.assert_array_equal(next(source), np.load(tmp_path / "b_good.npy"))
     assert isinstance(source, DirSource) and source.file_count == 1
 
 
@@ -161,8 +217,11 @@ def test_only_unreadable_files_is_an_error(tmp_path: Path, content: bytes, match
 
 
 @pytest.mark.parametrize(("array", "match"), [
-    (np.zeros((28, 28, 3), np.float32), "has shape"),
+    (np.zeros((28, 28, 4), np.uint8), "has shape"),
+    (np.zeros((2, 3, 28, 28, 3), np.uint8), "has shape"),
+    (np.zeros((0, 28, 3), np.uint8), "has shape"),
     (np.full((32, 32, 3), 255.0, np.float32), "must be in"),
+    (np.full((32, 32, 3), -0.5, np.float64), "must be in"),
     (np.full((32, 32, 3), np.nan, np.float32), "NaN"),
     (np.zeros((32, 32, 3), np.int32), "dtype"),
     (np.zeros((0, 32, 32, 3), np.float32), "no frames"),
@@ -170,8 +229,9 @@ def test_only_unreadable_files_is_an_error(tmp_path: Path, content: bytes, match
 def test_bad_arrays(tmp_path: Path, array: npt.NDArray[np.generic], match: str) -> None:
     np.save(tmp_path / "bad.npy", array)
     source = open_source(f"dir:{tmp_path}", SHAPE)
-    with pytest.raises(FrameSourceError, match=match):
+    with pytest.raises(FrameSourceError, match=match) as caught:
         next(source)
+    assert "bad.npy" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_pickled_npy_is_refused(tmp_path: Path) -> None:

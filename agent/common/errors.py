@@ -31,6 +31,14 @@ class FrameSourceError(AgentError):
     """A frame source specification is invalid or yields unusable frames."""
 
 
+class SourceOpenError(FrameSourceError):
+    """A frame source cannot be opened: no such file or device, not a video, no decoder."""
+
+
+class CameraStalledError(FrameSourceError):
+    """A live source delivered no frame within its read timeout (the camera is down)."""
+
+
 class ProtocolError(AgentError):
     """A wire message (manifest, check-in, telemetry) is malformed."""
 

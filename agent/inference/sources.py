@@ -1,33 +1,85 @@
-"""Frame sources: where the inference loop gets its float32 HxWxC frames in [0, 1].
+"""Frame sources: where the inference loop gets its frames, in camera space.
+
+Every source yields C-contiguous, read-only ``uint8`` arrays of shape (H, W, 3)
+in RGB order at the camera's own size; turning them into the model's input
+tensor is the preprocessing module's job, so no source resizes or normalises.
 
 Specs:
 - ``dir:PATH``: PNG/JPEG images (through Pillow, optional) and ``.npy`` arrays,
-  sorted by name and cycled forever. Images are resized to the model's HxW.
+  sorted by name and cycled (one pass in every-frame mode).
 - ``synthetic`` or ``synthetic:SEED``: deterministic pseudo-random frames from a
   small pool generated once, so producing a frame costs nothing.
-
-Frames are returned read-only because cached frames are shared between cycles.
+- ``file:PATH``, ``v4l2:/dev/videoN``, ``rtsp://...``, ``http(s)://...`` (MJPEG):
+  live sources on PyAV, in ``agent.inference.capture`` (extra ``camera``).
 """
 
 from __future__ import annotations
 
 import abc
+import enum
 import logging
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.common.errors import FrameSourceError
 
+if TYPE_CHECKING:
+    from agent.inference.capture import CaptureOptions
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 ARRAY_SUFFIXES = frozenset({".npy"})
-Frame = npt.NDArray[np.float32]
+CAMERA_PREFIXES = ("file:", "v4l2:", "rtsp://", "rtsps://", "http://", "https://")
+SYNTHETIC_SIZE = (480, 640)  # HxW of synthetic frames when no shape is given
+Frame = npt.NDArray[np.uint8]
+
+
+class SourceState(str, enum.Enum):
+    """Where a source is; the value is what telemetry carries."""
+
+    STARTING = "starting"  # no frame yet, first connection under way
+    STREAMING = "streaming"
+    RECONNECTING = "reconnecting"  # the stream dropped; retrying with backoff
+    STALLED = "stalled"  # nothing delivered for longer than the stall limit: an error
+    ENDED = "ended"  # a file (or a directory in every-frame mode) has no more frames
+    FAILED = "failed"  # an error no retry can fix
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    """Counters since the source was opened, for telemetry windows."""
+
+    state: SourceState
+    camera_fps: float  # frames decoded per second over the recent window
+    frames_captured: int
+    frames_delivered: int
+    frames_dropped: int  # replaced by a newer frame before anyone took them
+    decode_errors: int
+    reconnects: int
+    downtime_s: float  # time without a working stream after a failure
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["state"] = self.state.value
+        return out
+
+
+@dataclass(frozen=True)
+class SourceHealth:
+    """What the daemon reports about its camera: ``error`` is empty when ``ok``."""
+
+    state: SourceState
+    ok: bool
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -53,12 +105,12 @@ def frame_shape(shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 class FrameSource(abc.ABC):
-    """An endless iterator of float32 HxWxC frames."""
+    """An iterator of camera-space frames; live sources run a thread until closed."""
 
     description = "frames"
-
-    def __init__(self, shape: tuple[int, int, int]) -> None:
-        self.shape = shape
+    # time.perf_counter_ns() when the last frame returned was captured (decoded, or
+    # read from memory), for capture-to-result latency.
+    captured_ns = 0
 
     def __iter__(self) -> Iterator[Frame]:
         return self
@@ -66,29 +118,73 @@ class FrameSource(abc.ABC):
     @abc.abstractmethod
     def __next__(self) -> Frame: ...
 
+    @abc.abstractmethod
+    def stats(self) -> SourceStats: ...
 
-class SyntheticSource(FrameSource):
-    def __init__(self, shape: tuple[int, int, int], seed: int, config: FrameConfig) -> None:
-        super().__init__(shape)
+    def health(self) -> SourceHealth:
+        return SourceHealth(self.stats().state, ok=True)
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the camera; a closed source yields no more frames."""
+
+    def __enter__(self) -> FrameSource:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _MemorySource(FrameSource):
+    """Frames already in memory: nothing is ever dropped, late or reconnected."""
+
+    def __init__(self) -> None:
+        self._delivered = 0
+        self._state = SourceState.STREAMING
+
+    def _deliver(self, frame: Frame) -> Frame:
+        if self._state is SourceState.CLOSED:
+            raise FrameSourceError(f"{self.description} is closed")
+        self._delivered += 1
+        self.captured_ns = time.perf_counter_ns()
+        return frame
+
+    def stats(self) -> SourceStats:
+        n = self._delivered
+        return SourceStats(self._state, 0.0, n, n, 0, 0, 0, 0.0)
+
+    def close(self) -> None:
+        self._state = SourceState.CLOSED
+
+
+class SyntheticSource(_MemorySource):
+    def __init__(self, size: tuple[int, int], seed: int, config: FrameConfig) -> None:
+        super().__init__()
         self.description = f"synthetic:{seed}"
         rng = np.random.default_rng(seed)
+        shape = (size[0], size[1], 3)
         self._pool = [
-            _readonly(rng.random(shape, dtype=np.float32)) for _ in range(config.synthetic_pool)
+            _readonly(rng.integers(0, 256, shape, dtype=np.uint8))
+            for _ in range(config.synthetic_pool)
         ]
         self._next = 0
 
     def __next__(self) -> Frame:
         frame = self._pool[self._next]
         self._next = (self._next + 1) % len(self._pool)
-        return frame
+        return self._deliver(frame)
 
 
-class DirSource(FrameSource):
-    def __init__(self, shape: tuple[int, int, int], path: Path, config: FrameConfig) -> None:
-        super().__init__(shape)
+class DirSource(_MemorySource):
+    def __init__(self, path: Path, config: FrameConfig, *, loop: bool = True) -> None:
+        super().__init__()
         self.description = f"dir:{path}"
         self._files = _list_frame_files(path, config)
         self._config = config
+        self._loop = loop
         self._cache: dict[Path, list[Frame]] = {}
         self._cached_bytes = 0
         self._pending: list[Frame] = []
@@ -104,6 +200,9 @@ class DirSource(FrameSource):
             if not self._files:
                 raise FrameSourceError(f"{self.description} has no readable frames left; "
                                        f"last error: {self._last_error}")
+            if self._file_index >= len(self._files) and not self._loop:
+                self._state = SourceState.ENDED
+                raise StopIteration
             self._file_index %= len(self._files)
             path = self._files[self._file_index]
             try:
@@ -116,13 +215,13 @@ class DirSource(FrameSource):
                 continue
             self._file_index += 1
             self._pending = list(reversed(frames))
-        return self._pending.pop()
+        return self._deliver(self._pending.pop())
 
     def _load(self, path: Path) -> list[Frame]:
         cached = self._cache.get(path)
         if cached is not None:
             return cached
-        frames = _read_frames(path, self.shape, self._config)
+        frames = _read_frames(path, self._config)
         size = sum(f.nbytes for f in frames)
         if self._cached_bytes + size <= self._config.cache_bytes:
             self._cache[path] = frames
@@ -169,87 +268,107 @@ def _pillow_available() -> bool:
     return True
 
 
-def _read_frames(path: Path, shape: tuple[int, int, int], config: FrameConfig) -> list[Frame]:
+def _read_frames(path: Path, config: FrameConfig) -> list[Frame]:
     if path.suffix.lower() in ARRAY_SUFFIXES:
-        return [_readonly(f) for f in _read_npy(path, shape, config)]
-    return [_readonly(_read_image(path, shape))]
+        return [_readonly(f) for f in _read_npy(path, config)]
+    return [_readonly(_read_image(path))]
 
 
-def _read_image(path: Path, shape: tuple[int, int, int]) -> Frame:
+def _read_image(path: Path) -> Frame:
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 - optional dependency
 
-    height, width, channels = shape
     try:
         with Image.open(path) as src:
-            img = src.convert("RGB" if channels == 3 else "L")
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
-            pixels = np.asarray(img, dtype=np.uint8)
+            return np.ascontiguousarray(np.asarray(src.convert("RGB"), dtype=np.uint8))
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise FrameSourceError(f"image {path} cannot be decoded: {err}") from err
-    frame = pixels.astype(np.float32) / np.float32(255.0)
-    return frame.reshape(shape)
 
 
-def _read_npy(path: Path, shape: tuple[int, int, int], config: FrameConfig) -> list[Frame]:
-    """A .npy holds one HxW[xC] frame or a batch NxHxWxC; uint8 is scaled by 1/255."""
+def _read_npy(path: Path, config: FrameConfig) -> list[Frame]:
+    """One HxW[xC] frame or a batch NxHxWxC, C of 1 or 3; uint8, or legacy floats in [0, 1]."""
     try:
         arr: npt.NDArray[Any] = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise FrameSourceError(f"array {path} cannot be read as .npy: {err}") from err
-    height, width, channels = shape
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim == 3:
         arr = arr[None]
-    if arr.ndim != 4 or arr.shape[1:3] != (height, width) or arr.shape[3] not in (1, channels):
+    if arr.ndim != 4 or arr.shape[3] not in (1, 3) or min(arr.shape[1:3], default=0) < 1:
         raise FrameSourceError(
-            f"array {path} has shape {arr.shape}; expected {height}x{width}x{channels}, "
+            f"array {path} has shape {arr.shape}; expected HxW, HxWx1 or HxWx3, "
             "optionally with a leading batch axis"
         )
     if arr.shape[0] == 0:
         raise FrameSourceError(f"array {path} holds no frames")
     if arr.dtype == np.uint8:
-        frames = arr.astype(np.float32) / np.float32(255.0)
+        frames: Frame = arr
     elif np.issubdtype(arr.dtype, np.floating):
-        frames = arr.astype(np.float32)
-        if not np.isfinite(frames).all():
-            raise FrameSourceError(f"array {path} holds NaN or infinite values")
-        low, high = float(frames.min()), float(frames.max())
-        tol = config.range_tolerance
-        if low < -tol or high > 1.0 + tol:
-            raise FrameSourceError(
-                f"array {path} values span [{low:.3g}, {high:.3g}]; frames must be in [0, 1]"
-            )
-        np.clip(frames, 0.0, 1.0, out=frames)
+        frames = _floats_to_uint8(path, arr, config.range_tolerance)
     else:
         raise FrameSourceError(f"array {path} has dtype {arr.dtype}; expected uint8 or float")
-    if frames.shape[3] != channels:
-        frames = np.repeat(frames, channels, axis=3)
+    if frames.shape[3] == 1:
+        frames = np.repeat(frames, 3, axis=3)
     return [np.ascontiguousarray(f) for f in frames]
 
 
-def open_source(spec: str, shape: Sequence[int], config: FrameConfig | None = None) -> FrameSource:
-    """Open the frame source described by ``spec`` for frames of ``shape`` (HxWxC)."""
+def _floats_to_uint8(path: Path, arr: npt.NDArray[Any], tolerance: float) -> Frame:
+    """Legacy [0, 1] frames, mapped to the uint8 values a camera would have given."""
+    values = arr.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise FrameSourceError(f"array {path} holds NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if low < -tolerance or high > 1.0 + tolerance:
+        raise FrameSourceError(
+            f"array {path} values span [{low:.3g}, {high:.3g}]; float frames must be in "
+            "[0, 1] (store camera frames as uint8)"
+        )
+    return np.clip(np.round(values * 255.0), 0, 255).astype(np.uint8)
+
+
+def open_source(
+    spec: str,
+    shape: Sequence[int] | None = None,
+    config: FrameConfig | None = None,
+    *,
+    every_frame: bool = False,
+    loop: bool | None = None,
+    capture: CaptureOptions | None = None,
+) -> FrameSource:
+    """Open the frame source described by ``spec``.
+
+    ``shape`` (a model input shape) only sets the size of synthetic frames.
+    ``every_frame`` delivers every frame in order instead of the latest one (file
+    and directory sources); ``loop`` restarts files and directories at their end,
+    by default unless ``every_frame``. ``capture`` tunes live sources.
+    """
     cfg = config or FrameConfig()
-    dims = frame_shape(shape)
+    repeat = not every_frame if loop is None else loop
     kind, sep, arg = spec.partition(":")
     if kind == "synthetic":
-        if not sep:
-            return SyntheticSource(dims, 0, cfg)
-        try:
-            seed = int(arg)
-        except ValueError as err:
-            raise FrameSourceError(f"synthetic seed {arg!r} is not an integer") from err
-        if seed < 0:
-            raise FrameSourceError(f"synthetic seed {seed} must not be negative")
-        return SyntheticSource(dims, seed, cfg)
+        size = frame_shape(shape)[:2] if shape is not None else SYNTHETIC_SIZE
+        return SyntheticSource(size, _seed(arg) if sep else 0, cfg)
     if kind == "dir":
         if not arg:
             raise FrameSourceError("frame source 'dir:' needs a path, as in dir:/var/frames")
-        source = DirSource(dims, Path(arg).expanduser(), cfg)
+        source = DirSource(Path(arg).expanduser(), cfg, loop=repeat)
         log.info("frame source %s: %d files", source.description, source.file_count)
         return source
+    if spec.startswith(CAMERA_PREFIXES):
+        from agent.inference.capture import open_camera  # noqa: PLC0415 - PyAV only for cameras
+
+        return open_camera(spec, capture, every_frame=every_frame, loop=repeat)
     raise FrameSourceError(
-        f"unknown frame source {spec!r}; expected 'dir:PATH', 'synthetic' or 'synthetic:SEED'"
+        f"unknown frame source {spec!r}; expected dir:PATH, synthetic[:SEED], file:PATH, "
+        "v4l2:/dev/videoN, rtsp://... or http(s)://..."
     )
+
+
+def _seed(arg: str) -> int:
+    try:
+        seed = int(arg)
+    except ValueError as err:
+        raise FrameSourceError(f"synthetic seed {arg!r} is not an integer") from err
+    if seed < 0:
+        raise FrameSourceError(f"synthetic seed {seed} must not be negative")
+    return seed
