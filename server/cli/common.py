@@ -129,6 +129,16 @@ def command_parser(
 
 
 def group(subparsers: Any, name: str, help_text: str) -> Any:
-    """A command group such as ``model``; its actions are added to the returned subparsers."""
+    """A command group such as ``model``; its actions are added to the returned subparsers.
+
+    Asking again for a group another module made returns the same one, so a command
+    module can add actions to an existing group (``model quantize`` beside ``model
+    publish``).
+    """
+    existing = subparsers.choices.get(name)
+    if existing is not None:
+        return existing.get_default("_group_actions")
     parser = command_parser(subparsers, name, help_text)
-    return parser.add_subparsers(dest=f"{name}_action", metavar="ACTION", required=True)
+    actions = parser.add_subparsers(dest=f"{name}_action", metavar="ACTION", required=True)
+    parser.set_defaults(_group_actions=actions)
+    return actions
