@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
-from agent import __version__
+from agent import __version__, trial
 from agent.common.errors import AgentError
 from agent.config import AgentConfig, load_config, render_config
 from agent.daemon import Agent, ensure_state_dir, resolve_profile
@@ -129,14 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print this device's identity and installed model")
     status.add_argument("--config", required=True)
     status.set_defaults(func=cmd_status)
+
+    trial.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet = args.command == "try"  # its output is the per-frame lines, not the log
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

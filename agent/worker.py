@@ -10,6 +10,10 @@ threads unless one is waiting. Everything else happens once per window.
 Power and thermal come from an optional sampler whose window is cut at the
 same instant as the latency window, so energy per inference matches the
 inferences it is divided by.
+
+Frames are turned into input tensors by the release's signed input contract;
+a release published before contracts existed gets the old behaviour
+(bilinear to the model size, values in ``legacy_range``) and one warning.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.common.errors import AgentError, ConfigError
+from agent.protocol.input_contract import InputContract
 from agent.telemetry.sampler import PowerWindow
 from agent.telemetry.window import TelemetryWindow
 from agent.update.smoke import RuntimeChoice
 
 if TYPE_CHECKING:  # numpy and the runtime load with the first model, not at start-up
-    from agent.inference.classifier import InferenceEngine
+    from agent.inference.classifier import InferenceEngine, Result
+    from agent.inference.preprocess import Preprocessor
+    from agent.inference.runtime import Model
     from agent.inference.sources import FrameSource
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,7 @@ class InferenceWorker:
         power: PowerWindows | None = None,
         idle_mw: float = 0.0,
         limits: WorkerLimits | None = None,
+        legacy_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         if window_s <= 0 or max_fps < 0 or warmup < 0 or idle_mw < 0:
             raise ConfigError("worker needs window_s > 0 and max_fps, warmup, idle_mw >= 0")
@@ -91,13 +99,14 @@ class InferenceWorker:
         self.power = power
         self.idle_mw = idle_mw
         self.limits = limits or WorkerLimits()
+        self.legacy_range = legacy_range
         self._lock = threading.Condition()
         self._active: _Active | None = None
         self._generation = 0
         self._gen_ok = 0
         self._gen_error: str | None = None
         self._waiters = 0  # threads in wait_healthy; the hot path notifies only if > 0
-        self._last_top_k: tuple[tuple[str, float], ...] = ()
+        self._last_result: Result | None = None  # its top_k is ranked once per window
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.window = TelemetryWindow(warmup=warmup)
@@ -119,7 +128,10 @@ class InferenceWorker:
 
             model = self.choice.load(model_path)
             try:
-                engine = InferenceEngine(model, manifest.get("labels") or (), top_k=self.top_k)
+                preprocess = self._preprocessor(model, manifest)
+                engine = InferenceEngine(
+                    model, preprocess, manifest.get("labels") or (), top_k=self.top_k
+                )
                 source = open_source(self.frames, model.input.shape)
             except AgentError:
                 model.close()
@@ -130,13 +142,27 @@ class InferenceWorker:
             self._generation += 1
             self._active = new
             self._gen_ok, self._gen_error = 0, None
-            self._last_top_k = ()
+            self._last_result = None
             self.window.restart(manifest)
             if self.power is not None:
                 self.power.window()  # drop the power of the old model's partial window
             self._lock.notify_all()
         if old is not None:
             old.engine.model.close()
+            old.source.close()
+
+    def _preprocessor(self, model: Model, manifest: dict[str, Any]) -> Preprocessor:
+        from agent.inference.preprocess import preprocessor_for  # noqa: PLC0415
+
+        raw = manifest.get("input")
+        contract = None if raw is None else InputContract.from_dict(raw)
+        if contract is None:
+            log.warning(
+                "release %s@%s carries no input contract; frames are resized bilinearly to "
+                "the model's size and mapped to %s as before contracts existed",
+                manifest.get("name"), manifest.get("release"), list(self.legacy_range),
+            )  # fmt: skip
+        return preprocessor_for(contract, model.input, self.legacy_range)
 
     def wait_healthy(self, inferences: int, timeout_s: float) -> str | None:
         """Block until the current model ran ``inferences`` frames cleanly.
@@ -219,12 +245,12 @@ class InferenceWorker:
         self._gen_ok += 1
         if self._waiters:
             self._lock.notify_all()
-        self._last_top_k = result.top_k
+        self._last_result = result
         return True
 
     def _results(self, active: _Active) -> dict[str, Any]:
         """Class counts for one window: one results message per window, whatever the fps."""
-        top_k = self._last_top_k
+        top_k = self._last_result.top_k if self._last_result is not None else ()
         return {
             "release": active.manifest.get("release"),
             "model": active.manifest.get("name"),

@@ -9,22 +9,25 @@
    idle RSS is read from ``/proc/<pid>/status`` once start-up has settled.
    The server is stopped before part 2 so its threads do not share our GIL.
 2. Throughput, interleaved A/B/C rounds (the order rotates each round) on the
-   same model, thread count and synthetic frames:
-   - agent: the real ``InferenceWorker`` with telemetry windows, the power/thermal
-     sampler and the real MQTT ``Publisher`` + SQLite ``Outbox`` (no broker is
-     listening, so every message is queued on disk, as on a camera offline);
-   - raw+quantize: a bare LiteRT ``Interpreter`` loop that quantizes each float
-     frame with the same function, then ``set_tensor``/``invoke``/``get_tensor``;
-   - raw prequantized: the same loop fed one pre-quantized tensor (upper bound).
+   same model, thread count and synthetic uint8 camera frames at the model's size:
+   - agent: the real ``InferenceWorker`` with the release's input contract
+     (``--input-range``, default -1,1 as MobileNetV2 takes), telemetry windows, the
+     power/thermal sampler and the real MQTT ``Publisher`` + SQLite ``Outbox`` (no
+     broker is listening, so every message is queued on disk, as on a camera offline);
+   - raw prequantized: a bare LiteRT ``Interpreter`` ``set_tensor``/``invoke``/
+     ``get_tensor`` loop fed one already-quantized tensor: the upper bound;
+   - raw+numpy: the same loop normalising and quantizing each uint8 frame with plain
+     numpy floats (``x * (HI-LO)/255 + LO``, then the runtime's quantize), as a
+     pipeline without the agent's fused tables would.
    Telemetry CPU is the sampler thread's CPU (schedstat) plus the worker's
    window-flush CPU plus the per-frame histogram cost times the frame rate.
 
 The last line is ``ratio_agent_vs_raw=R idle_rss_mb=M start_s=S``. R is the median
-over rounds of agent / raw+quantize (the fair pair: both quantize), taken over the
-"quiet" rounds, where other processes used at most ``--quiet-cores`` of CPU during
-both segments (from /proc/stat minus our own CPU); up to twice the rounds run while
-fewer than 5 were quiet, else all rounds count. On a shared 2-core box one busy
-neighbour halves a 2-thread loop. All-round figures are printed too.
+over rounds of agent / raw prequantized, taken over the "quiet" rounds, where other
+processes used at most ``--quiet-cores`` of CPU during both segments (from /proc/stat
+minus our own CPU); up to twice the rounds run while fewer than 5 were quiet, else
+all rounds count. On a shared 2-core box one busy neighbour halves a 2-thread loop.
+All-round figures, and the ratio against raw+numpy, are printed too.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 from agent.inference.runtime import quantize  # noqa: E402
 from agent.inference.sources import open_source  # noqa: E402
 from agent.profiles.schema import Profile, load_profiles  # noqa: E402
+from agent.protocol.input_contract import InputContract  # noqa: E402
+from agent.protocol.input_options import parse_range  # noqa: E402
 from agent.telemetry.sensors import idle_mw, make_sampler  # noqa: E402
 from agent.telemetry.window import TelemetryWindow  # noqa: E402
 from agent.transport.mqtt import MqttSettings, Publisher  # noqa: E402
@@ -64,7 +69,7 @@ from agent.update.smoke import RuntimeChoice  # noqa: E402
 from agent.worker import InferenceWorker  # noqa: E402
 
 MODEL = ROOT / "tests" / "fixtures" / "mobilenetv2_int8.tflite"
-VARIANTS = ("agent", "raw+quantize", "raw prequantized")
+VARIANTS = ("agent", "raw prequantized", "raw+numpy")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class BenchConfig:
     hw_root: str
     idle_runs: int
     settle_s: float
+    input_range: tuple[float, float] = (-1.0, 1.0)
     ready_timeout_s: float = 30.0
     quiet_cores: float = 0.15  # other processes' CPU allowed in a "quiet" segment
     min_quiet_rounds: int = 5
@@ -248,7 +254,8 @@ def agent_segment(cfg: BenchConfig, profile: Profile, outbox: Outbox) -> Segment
     publisher.start()
     worker.start()
     try:
-        worker.swap(cfg.model, {"name": cfg.model.stem, "release": 1, "labels": []})
+        worker.swap(cfg.model, {"name": cfg.model.stem, "release": 1, "labels": [],
+                                "input": contract_for(cfg, model_shape(cfg.model)).to_dict()})
         problem = worker.wait_healthy(20, timeout_s=60)
         if problem:
             raise SystemExit(f"agent worker unhealthy: {problem}")
@@ -268,6 +275,17 @@ def agent_segment(cfg: BenchConfig, profile: Profile, outbox: Outbox) -> Segment
         worker.stop()
         sampler.stop()
         publisher.stop(flush_timeout_s=0.0)
+
+
+def model_shape(path: Path) -> tuple[int, ...]:
+    interp = Interpreter(model_path=str(path), num_threads=1)
+    interp.allocate_tensors()
+    return tuple(int(d) for d in interp.get_input_details()[0]["shape"])
+
+
+def contract_for(cfg: BenchConfig, shape: tuple[int, ...]) -> InputContract:
+    """The release's signed contract: the model's size, bilinear, RGB, ``--input-range``."""
+    return InputContract(shape[1], shape[2], shape[3], value_range=cfg.input_range)
 
 
 def record_cost_ns(n: int = 200_000) -> float:
@@ -291,10 +309,14 @@ def throughput(
     spec = interp.get_input_details()[0]
     scale, zero_point = spec["quantization"]
     frames = open_source("synthetic", tuple(spec["shape"]))
-    fixed = quantize(next(frames), scale, zero_point, spec["dtype"]).reshape(spec["shape"])
+    low, high = cfg.input_range
+    span = np.float32((high - low) / 255.0)
 
     def quantized() -> Any:
-        return quantize(next(frames), scale, zero_point, spec["dtype"]).reshape(spec["shape"])
+        values = next(frames).astype(np.float32) * span + np.float32(low)
+        return quantize(values, scale, zero_point, spec["dtype"]).reshape(spec["shape"])
+
+    fixed = quantized()
 
     outbox = Outbox(tmp / "outbox.sqlite")
     segs: Segments = {v: [] for v in VARIANTS}
@@ -306,7 +328,7 @@ def throughput(
             if variant == "agent":
                 segs[variant].append(agent_segment(cfg, profile, outbox))
             else:
-                feed = quantized if variant == "raw+quantize" else (lambda: fixed)
+                feed = quantized if variant == "raw+numpy" else (lambda: fixed)
                 segs[variant].append(raw_loop(interp, feed, cfg.segment_s))
         last = {v: segs[v][-1] for v in VARIANTS}
         line = "  ".join(f"{v} {fps(last[v]):6.1f}" for v in VARIANTS)
@@ -320,9 +342,9 @@ def throughput(
 
 def quiet_rounds(segs: Segments, cfg: BenchConfig) -> list[int]:
     """Rounds where other processes stayed under ``quiet_cores`` in both paired segments."""
-    agent, raw_q = segs[VARIANTS[0]], segs[VARIANTS[1]]
-    return [i for i in range(len(raw_q))
-            if max(agent[i].others_cores, raw_q[i].others_cores) <= cfg.quiet_cores]
+    agent, raw_p = segs[VARIANTS[0]], segs[VARIANTS[1]]  # agent and raw prequantized
+    return [i for i in range(len(raw_p))
+            if max(agent[i].others_cores, raw_p[i].others_cores) <= cfg.quiet_cores]
 
 
 def fps(seg: Segment) -> float:
@@ -339,7 +361,7 @@ def ratio_summary(name: str, pairs: list[tuple[Segment, Segment]]) -> float:
 
 
 def report_throughput(segs: Segments, telemetry: list[dict[str, Any]], cfg: BenchConfig) -> float:
-    agent, raw_q, raw_p = (segs[v] for v in VARIANTS)
+    agent, raw_p, raw_n = (segs[v] for v in VARIANTS)
     for v in VARIANTS:
         rate = statistics.median(fps(s) for s in segs[v])
         print(f"  {v:<17} median {rate:7.1f} fps ({1000 / rate:.3f} ms/frame)")
@@ -347,15 +369,15 @@ def report_throughput(segs: Segments, telemetry: list[dict[str, Any]], cfg: Benc
     # while other processes were busy compare two different machines.
     quiet = quiet_rounds(segs, cfg)
     print("all rounds:")
-    everything = ratio_summary("raw+quantize    ", list(zip(agent, raw_q, strict=True)))
-    ratio_summary("raw prequantized", list(zip(agent, raw_p, strict=True)))
+    everything = ratio_summary("raw prequantized", list(zip(agent, raw_p, strict=True)))
+    ratio_summary("raw+numpy       ", list(zip(agent, raw_n, strict=True)))
     headline = everything
     if len(quiet) >= cfg.min_quiet_rounds:
         print(f"quiet rounds (other processes <= {cfg.quiet_cores:g} cores in both segments):")
-        headline = ratio_summary("raw+quantize    ", [(agent[i], raw_q[i]) for i in quiet])
-        quiet_p = [i for i in quiet if raw_p[i].others_cores <= cfg.quiet_cores]
-        if quiet_p:
-            ratio_summary("raw prequantized", [(agent[i], raw_p[i]) for i in quiet_p])
+        headline = ratio_summary("raw prequantized", [(agent[i], raw_p[i]) for i in quiet])
+        quiet_n = [i for i in quiet if raw_n[i].others_cores <= cfg.quiet_cores]
+        if quiet_n:
+            ratio_summary("raw+numpy       ", [(agent[i], raw_n[i]) for i in quiet_n])
     else:
         print(f"only {len(quiet)} quiet rounds: the headline uses all rounds and is dominated "
               "by other processes' load; rerun on a quieter machine")
@@ -401,12 +423,14 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--settle-s", type=float, default=2.0)
     parser.add_argument("--quiet-cores", type=float, default=0.15,
                         help="other processes' CPU (cores) above which a round is not quiet")
+    parser.add_argument("--input-range", default="-1,1", metavar="LO,HI",
+                        help="the model's pixel mapping (write --input-range=-1,1)")
     args = parser.parse_args(argv)
     if min(args.rounds, args.idle_runs) < 1 or min(args.segment_s, args.window_s) <= 0:
         parser.error("rounds and idle-runs must be >= 1, segment-s and window-s > 0")
     return BenchConfig(args.model, args.threads, args.rounds, args.segment_s, args.window_s,
                        args.profile, args.hw_root, args.idle_runs, args.settle_s,
-                       quiet_cores=args.quiet_cores)
+                       input_range=parse_range(args.input_range), quiet_cores=args.quiet_cores)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,7 +166,7 @@ def publish(url: str, token: str) -> dict[int, dict[str, Any]]:
                 url + "/api/v1/models", headers={"Authorization": f"Bearer {token}"},
                 files={"file": (model.name, fh)}, timeout=300,
                 data={"name": "digits", "release": str(release), "variant": "int8-cpu",
-                      "labels": ",".join(str(i) for i in range(10))},
+                      "labels": ",".join(str(i) for i in range(10)), "input_range": "0,1"},
             )  # fmt: skip
         resp.raise_for_status()
         out[release] = resp.json()

@@ -103,6 +103,7 @@ class Demo:
                 "variant": "int8-cpu",
                 "fp32_length": str(fp32.stat().st_size),
                 "min_accuracy": "0.95",
+                "input_range": "0,1",  # the digits model takes pixels mapped to [0, 1]
             }
             info = self.api("POST", "/api/v1/models", files=files, data=data)
         self.log(
@@ -110,6 +111,8 @@ class Demo:
             f"(FP32 {fp32.stat().st_size}), sha256 {str(info.get('sha256'))[:12]}…, "
             "signed as a TUF target with a 300-image golden set (minimum accuracy 0.95)"
         )
+        for note in info.get("input_notes", []):
+            self.log(f"  {note}")
         for delta in info.get("deltas", []):
             self.log(
                 f"  delta from release {delta['base_release']}: {delta['length']} bytes "

@@ -47,6 +47,7 @@ class Operator:
                     "release": str(release),
                     "variant": variant,
                     "labels": ",".join(str(i) for i in range(10)),
+                    "input_range": "0,1",  # the digits fixtures take [0, 1]
                 },
             )
 

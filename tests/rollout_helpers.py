@@ -65,7 +65,7 @@ class Fleet:
             out = self.call(
                 "POST", "/api/v1/models", expect=201, files={"file": (model.name, fh)},
                 data={"name": name, "release": str(release), "variant": "int8-cpu",
-                      "labels": ",".join(str(i) for i in range(10))},
+                      "labels": ",".join(str(i) for i in range(10)), "input_range": "0,1"},
             )
         self.sha[release] = out["sha256"]
 

@@ -59,7 +59,8 @@ def test_publish_list_assign_show_and_tokens(
     server = server_factory(tmp_path)
     model, labels = FIXTURES / "digits_int8_r1.tflite", FIXTURES / "digits_labels.txt"
     fp32 = FIXTURES / "digits_fp32_r1.tflite"
-    publish = ["model", "publish", str(model), "--name", "digits", "--version", "1"]
+    publish = ["model", "publish", str(model), "--name", "digits", "--version", "1",
+               "--input-range", "0,1"]  # fmt: skip
     code, out, err = run_cli(
         capsys,
         *with_server(server, *publish, "--labels", str(labels), "--fp32", str(fp32), "--json"),

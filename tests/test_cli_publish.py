@@ -16,19 +16,19 @@ def test_publish_with_golden_set_then_a_delta(
 ) -> None:
     srv = server_factory(tmp_path / "server")
     base = ["--server", srv.url, "--token", srv.operator_token, "model", "publish"]
-    labels = str(FIXTURES / "digits_labels.txt")
+    labels = str(FIXTURES / "digits_labels.txt"), "--input-range", "0,1"
     golden = ["--golden-set", str(FIXTURES / "digits_val.npz"), "--min-accuracy", "0.9"]
 
     assert cli_main([*base, str(FIXTURES / "digits_int8_r1.tflite"), "--name", "digits",
-                     "--version", "1", "--labels", labels, *golden]) == 0  # fmt: skip
+                     "--version", "1", "--labels", *labels, *golden]) == 0  # fmt: skip
     assert "published digits@1 int8-cpu" in capsys.readouterr().out
     assert "golden/digits/1/int8-cpu.npz" in srv.repo.targets()
 
     assert cli_main([*base, str(FIXTURES / "digits_int8_r2.tflite"), "--name", "digits",
-                     "--version", "2", "--labels", labels]) == 0  # fmt: skip
+                     "--version", "2", "--labels", *labels]) == 0  # fmt: skip
     assert "delta from release 1:" in capsys.readouterr().out
 
     code = cli_main([*base, str(FIXTURES / "digits_int8_r2.tflite"), "--name", "digits",
-                     "--version", "3", "--labels", labels, "--min-accuracy", "0.9"])  # fmt: skip
+                     "--version", "3", "--labels", *labels, "--min-accuracy", "0.9"])  # fmt: skip
     assert code != 0
     assert "--golden-set and --min-accuracy go together" in capsys.readouterr().err

@@ -67,7 +67,8 @@ def publish(server: ServerHandle, release: int, variant: str) -> None:
     model = FIXTURES / f"digits_int8_r{release}.tflite"
     resp = requests.post(
         f"{server.url}/api/v1/models",
-        data={"name": "digits", "release": str(release), "variant": variant, "labels": LABELS},
+        data={"name": "digits", "release": str(release), "variant": variant, "labels": LABELS,
+              "input_range": "0,1"},
         files={"file": (model.name, model.read_bytes())},
         headers=op(server),
         timeout=60,

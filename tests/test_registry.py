@@ -1,4 +1,4 @@
-"""server.publish.registry and agent.inference.smoke_vector on the real fixture models with real LiteRT."""
+"""server.publish.registry and agent.inference.smoke_vector on the real fixtures, real LiteRT."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as schema
 
 from agent.inference.smoke_vector import compare_golden, golden_input_array
+from agent.protocol.input_options import ContractOptions
 from agent.protocol.manifest import ModelManifest, model_target_path
 from server.errors import ConflictError, InvalidInputError, ModelValidationError
 from server.publish.keys import init_keys
@@ -32,6 +33,7 @@ INT8_R2 = FIXTURES / "digits_int8_r2.tflite"
 FP32 = FIXTURES / "digits_fp32_r1.tflite"
 FP32_R2 = FIXTURES / "digits_fp32_r2.tflite"
 LABELS = tuple("0123456789")
+UNIT = ContractOptions(value_range=(0.0, 1.0))  # the digits fixtures take [0, 1]
 
 
 def _add_model(path: Path, inputs: int) -> Path:
@@ -134,20 +136,22 @@ def test_make_golden_int8_and_float_tolerances(tmp_path: Path) -> None:
 
 
 def test_build_manifest_and_check_golden() -> None:
-    manifest = build_manifest(INT8, "digits", 1, "int8-cpu", LABELS, fp32_length=117580)
+    manifest = build_manifest(
+        INT8, "digits", 1, "int8-cpu", LABELS, fp32_length=117580, input_options=UNIT
+    )
     assert manifest.sha256 == __import__("hashlib").sha256(INT8.read_bytes()).hexdigest()
     assert manifest.length == INT8.stat().st_size and manifest.labels == LABELS
     assert manifest.golden.seed == "digits/1/int8-cpu" and manifest.fp32_length == 117580
     check_golden(INT8, manifest)
     check_golden(INT8, manifest, num_threads=2)
-    fp32 = build_manifest(FP32, "digits", 1, "fp32", LABELS)
+    fp32 = build_manifest(FP32, "digits", 1, "fp32", LABELS, input_options=UNIT)
     check_golden(FP32, fp32, num_threads=2)
     with pytest.raises(ModelValidationError, match="golden mismatch"):
         check_golden(FP32_R2, fp32)
 
 
 def test_check_golden_catches_a_wrong_expected_output() -> None:
-    manifest = build_manifest(INT8, "digits", 1, "int8-cpu", LABELS)
+    manifest = build_manifest(INT8, "digits", 1, "int8-cpu", LABELS, input_options=UNIT)
     out = np.frombuffer(manifest.golden.output, np.int8).astype(np.int16)
     out[3] = out[3] + 3 if out[3] < 120 else out[3] - 3
     bad_golden = dataclasses.replace(
@@ -173,23 +177,26 @@ def test_check_golden_catches_a_wrong_expected_output() -> None:
 def test_build_manifest_rejects_bad_input(
     kwargs: dict[str, Any], error: type[Exception], match: str
 ) -> None:
-    args: dict[str, Any] = {"name": "digits", "release": 1, "variant": "int8-cpu", "labels": ()}
+    args: dict[str, Any] = {
+        "name": "digits", "release": 1, "variant": "int8-cpu", "labels": (), "input_options": UNIT
+    }
     with pytest.raises(error, match=match):
         build_manifest(INT8, **{**args, **kwargs})
 
 
 def test_publish_round_trips_and_is_idempotent(repo: TufRepository) -> None:
-    manifest = publish_model(repo, INT8, "digits", 1, "int8-cpu", LABELS)
+    manifest = publish_model(repo, INT8, "digits", 1, "int8-cpu", LABELS, input_options=UNIT)
     target = model_target_path("digits", 1, "int8-cpu")
     info = repo.targets()[target]
     assert ModelManifest.from_custom(info.custom) == manifest
     assert info.sha256 == manifest.sha256 and info.length == manifest.length
     versions = repo.versions()
-    assert publish_model(repo, INT8, "digits", 1, "int8-cpu", LABELS) == manifest
+    again = publish_model(repo, INT8, "digits", 1, "int8-cpu", LABELS, input_options=UNIT)
+    assert again == manifest
     assert repo.versions() == versions  # nothing re-signed
     with pytest.raises(ConflictError, match="already published with other bytes"):
-        publish_model(repo, INT8_R2, "digits", 1, "int8-cpu", LABELS)
-    second = publish_model(repo, INT8_R2, "digits", 2, "int8-cpu", LABELS)
+        publish_model(repo, INT8_R2, "digits", 1, "int8-cpu", LABELS, input_options=UNIT)
+    second = publish_model(repo, INT8_R2, "digits", 2, "int8-cpu", LABELS, input_options=UNIT)
     assert set(repo.targets()) == {target, model_target_path("digits", 2, "int8-cpu")}
     assert second.sha256 != manifest.sha256
 

@@ -62,7 +62,8 @@ def publish(server: ServerHandle, model: Path, release: int, name: str = "digits
     with open(model, "rb") as fh, open(LABELS, "rb") as labels:
         return requests.post(
             f"{server.url}/api/v1/models",
-            data={"name": name, "release": str(release), "variant": "int8-cpu"},
+            data={"name": name, "release": str(release), "variant": "int8-cpu",
+                  "input_range": "0,1"},
             files={"file": (model.name, fh), "labels_file": ("labels.txt", labels)},
             headers=op(server),
             timeout=60,
@@ -365,7 +366,7 @@ def test_labels_may_be_a_comma_list_or_a_json_file(published: ServerHandle) -> N
         ("digits-csv", ",".join(labels), None),
         ("digits-json", None, ("l.json", as_json)),
     ):
-        data = {"name": name, "release": "1", "variant": "int8-cpu"}
+        data = {"name": name, "release": "1", "variant": "int8-cpu", "input_range": "0,1"}
         files: dict[str, tuple[str, bytes]] = {"file": ("m.tflite", MODEL_R1.read_bytes())}
         if text is not None:
             data["labels"] = text
@@ -382,7 +383,8 @@ def test_labels_may_be_a_comma_list_or_a_json_file(published: ServerHandle) -> N
         assert resp.json()["labels"] == labels
     wrong = requests.post(
         f"{published.url}/api/v1/models",
-        data={"name": "digits-few", "release": "1", "variant": "int8-cpu", "labels": "a,b"},
+        data={"name": "digits-few", "release": "1", "variant": "int8-cpu", "labels": "a,b",
+              "input_range": "0,1"},
         files={"file": ("m.tflite", MODEL_R1.read_bytes())},
         headers=op(published),
         timeout=60,

@@ -44,6 +44,7 @@ def published(module_server: ServerHandle) -> ServerHandle:
                 "variant": "int8-cpu",
                 "labels": LABELS,
                 "min_accuracy": "0.9",
+                "input_range": "0,1",
             },
         )
     return module_server

@@ -215,7 +215,7 @@ def test_failing_frames_fail_the_health_check_and_are_counted(
 ) -> None:
     frames = tmp_path / "frames"
     frames.mkdir()
-    np.save(frames / "wrong.npy", np.zeros((5, 5), dtype=np.float32))  # not 32x32
+    np.save(frames / "wrong.npy", np.zeros((5, 5, 4), dtype=np.float32))  # no RGB frame in it
     worker = InferenceWorker(
         CHOICE,
         f"dir:{frames}",

@@ -19,6 +19,7 @@ from tuf_sim import RepoServer, resign
 
 from agent.common.errors import VerificationError
 from agent.protocol.custom_fields import TargetInfo
+from agent.protocol.input_options import ContractOptions
 from agent.protocol.manifest import ModelManifest, model_target_path
 from agent.update.download import DownloadLimits, download, target_url
 from agent.update.trust import TrustClient, TrustUnavailableError, verify_file
@@ -41,7 +42,10 @@ def keys(tmp_path: Path) -> Path:
 @pytest.fixture
 def repo(tmp_path: Path, keys: Path) -> TufRepository:
     repo = TufRepository.create(tmp_path / "repo", keys)
-    publish_model(repo, MODEL, "digits", 1, "int8-cpu", load_labels(FIXTURES / "digits_labels.txt"))
+    publish_model(
+        repo, MODEL, "digits", 1, "int8-cpu", load_labels(FIXTURES / "digits_labels.txt"),
+        input_options=ContractOptions(value_range=(0.0, 1.0)),
+    )  # fmt: skip
     return repo
 
 

@@ -19,6 +19,7 @@ import pytest
 from tuf_sim import RepoServer
 
 from agent.protocol.api import DesiredTarget
+from agent.protocol.input_options import ContractOptions
 from agent.protocol.manifest import Golden, model_target_path
 from agent.update.fetch import FetchLimits, TufFetcher
 from agent.update.slots import SlotStore
@@ -91,8 +92,9 @@ def repo(tmp_path: Path) -> TufRepository:
     repo = TufRepository.create(tmp_path / "repo", tmp_path / "keys")
     for release in (1, 2):
         publish_model(
-            repo, FIXTURES / f"digits_int8_r{release}.tflite", "digits", release, "int8-cpu", LABELS
-        )
+            repo, FIXTURES / f"digits_int8_r{release}.tflite", "digits", release, "int8-cpu",
+            LABELS, input_options=ContractOptions(value_range=(0.0, 1.0)),
+        )  # fmt: skip
     return repo
 
 
@@ -186,7 +188,9 @@ def test_bit_flipped_target_is_refused_and_the_old_model_keeps_running(
 def test_failed_smoke_test_rolls_back_and_reports_why(device: Device, repo: TufRepository) -> None:
     # A validly signed release whose golden output the model cannot reproduce.
     path = FIXTURES / "digits_int8_r2.tflite"
-    manifest = build_manifest(path, "digits", 3, "int8-cpu", LABELS)
+    manifest = build_manifest(
+        path, "digits", 3, "int8-cpu", LABELS, input_options=ContractOptions(value_range=(0.0, 1.0))
+    )
     wrong = bytes((b + 100) % 256 for b in manifest.golden.output)
     bad = dataclasses.replace(
         manifest, golden=Golden(manifest.golden.seed, base64.b64encode(wrong).decode(), 2)

@@ -215,6 +215,9 @@ class Model:
             raise ModelError(f"model {path} has no inputs or no outputs")
         self._inputs = inputs
         self._outputs = outputs
+        # A function returning a fresh numpy view of input 0's buffer (LiteRT's tensor()):
+        # safe to keep, while each view must be dropped before the next invoke.
+        self._input_buffer = self._interp.tensor(inputs[0].index)
         log.info(
             "loaded model %s with %s (threads=%s, delegate=%s)",
             path, backend.name, num_threads, delegate or "none",
@@ -264,6 +267,27 @@ class Model:
             return np.asarray(raw, dtype=np.float32)
         return dequantize(raw, spec.scale, spec.zero_point)
 
+    def fill_and_invoke(self, fill: Callable[[npt.NDArray[Any]], object]) -> npt.NDArray[Any]:
+        """Let ``fill`` write input 0 in place, invoke, and return a copy of output 0.
+
+        Writing into the interpreter's own buffer saves ``set_tensor``'s copy of
+        the whole input. ``fill`` gets a view that it must not keep: LiteRT
+        refuses to invoke while a view of its buffers is alive.
+        """
+        if self._interp is None:
+            raise ModelError(f"model {self.path} was closed")
+        view = self._input_buffer()
+        try:
+            fill(view)
+        finally:
+            del view
+        try:
+            self._interp.invoke()
+            out: npt.NDArray[Any] = self._interp.get_tensor(self._outputs[0].index)
+        except (ValueError, RuntimeError) as err:
+            raise ModelError(f"inference on {self.path} failed: {err}") from err
+        return out
+
     def invoke_raw(self, input_array: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """Set input 0, invoke, and return a copy of output 0 in its raw dtype."""
         if self._interp is None:
@@ -278,8 +302,13 @@ class Model:
 
     def close(self) -> None:
         """Drop the interpreter before its delegate, the order the runtime requires."""
+        self._input_buffer = _closed
         self._interp = None
         self._delegate = None
+
+
+def _closed() -> npt.NDArray[Any]:
+    raise ModelError("model was closed")
 
 
 def _load_delegate(backend: Backend, delegate: str, device: str) -> Any:

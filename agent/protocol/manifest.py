@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent.common.errors import ProtocolError
+from agent.protocol.input_contract import InputContract
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -127,11 +128,13 @@ class ModelManifest:
     min_agent_version: str = "0.1.0"
     fp32_length: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # How camera pixels become input 0; None in releases published before contracts existed.
+    input: InputContract | None = None
 
     kind = "model"
 
     def to_custom(self) -> dict[str, Any]:
-        return {
+        custom: dict[str, Any] = {
             "kind": self.kind,
             "name": self.name,
             "release": self.release,
@@ -146,6 +149,9 @@ class ModelManifest:
             "fp32_length": self.fp32_length,
             "extra": dict(self.extra),
         }
+        if self.input is not None:
+            custom["input"] = self.input.to_dict()
+        return custom
 
     @classmethod
     def from_custom(cls, data: Any) -> ModelManifest:
@@ -167,20 +173,35 @@ class ModelManifest:
         extra = data.get("extra", {})
         if not isinstance(extra, dict):
             raise ProtocolError("extra must be an object")
+        inputs = tuple(TensorSpec.from_dict(t) for t in _req(data, "inputs", list))
+        contract = _contract(data.get("input"), inputs)
         return cls(
             name=check_name(_req(data, "name", str)),
             release=release,
             variant=variant,
             sha256=check_sha256(_req(data, "sha256", str)),
             length=length,
-            inputs=tuple(TensorSpec.from_dict(t) for t in _req(data, "inputs", list)),
+            inputs=inputs,
             outputs=tuple(TensorSpec.from_dict(t) for t in _req(data, "outputs", list)),
             golden=Golden.from_dict(_req(data, "golden", dict)),
             labels=tuple(labels),
             min_agent_version=_req(data, "min_agent_version", str),
             fp32_length=fp32,
             extra=extra,
+            input=contract,
         )
+
+
+def _contract(raw: Any, inputs: tuple[TensorSpec, ...]) -> InputContract | None:
+    """The manifest's input contract, which must describe input 0's own shape."""
+    if raw is None:
+        return None
+    contract = InputContract.from_dict(raw)
+    want = (1, contract.height, contract.width, contract.channels)
+    if not inputs or tuple(inputs[0].shape) != want:
+        got = list(inputs[0].shape) if inputs else "no input"
+        raise ProtocolError(f"input contract is for {list(want)} but input 0 is {got}")
+    return contract
 
 
 def release_target_prefix(name: str, release: int) -> str:

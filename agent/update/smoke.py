@@ -1,7 +1,8 @@
 """Smoke test of a freshly installed model, before it is switched in.
 
 The candidate is loaded with the device's real runtime and delegate; its
-signature must match what the signed manifest declares, and the golden input
+signature must match what the signed manifest declares, its input contract
+(if the release carries one) must fit its input tensor, and the golden input
 (regenerated from the manifest's seed) must reproduce the golden output
 within tolerance. Any failure is a ``SmokeTestError`` and the update rolls back.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.common.errors import AgentError, SmokeTestError
+from agent.inference.preprocess import Preprocessor, preprocessor_for
 from agent.inference.runtime import Model, TensorDetails, load_model
 from agent.inference.scoring import GoldenSetResult, GoldenSetSpec, evaluate_file
 from agent.inference.smoke_vector import compare_golden, golden_input_array
@@ -52,6 +54,16 @@ def signature_problem(
     return None
 
 
+def contract_problem(manifest: ModelManifest, model: Model) -> str | None:
+    """Why the release's input contract cannot drive this model's input, or None."""
+    assert manifest.input is not None
+    try:
+        Preprocessor(manifest.input, model.input)
+    except AgentError as err:
+        return f"input contract does not fit the model: {err}"
+    return None
+
+
 def run_golden(model: Model, manifest: ModelManifest) -> str | None:
     inp, out = model.input, model.output
     x = golden_input_array(manifest.golden.seed, inp.shape, inp.dtype)
@@ -68,6 +80,8 @@ def smoke_test(path: Path, manifest: ModelManifest, choice: RuntimeChoice) -> No
         problem = signature_problem(
             manifest.inputs, model.input_details, "input"
         ) or signature_problem(manifest.outputs, model.output_details, "output")
+        if problem is None and manifest.input is not None:
+            problem = contract_problem(manifest, model)
         if problem is None:
             problem = run_golden(model, manifest)
     except AgentError as err:
@@ -83,9 +97,20 @@ FetchAux = Callable[[str, Path], Path]
 
 
 def score_golden_set(
-    path: Path, manifest: ModelManifest, choice: RuntimeChoice, fetch: FetchAux, workdir: Path
+    path: Path,
+    manifest: ModelManifest,
+    choice: RuntimeChoice,
+    fetch: FetchAux,
+    workdir: Path,
+    *,
+    legacy_range: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[GoldenSetSpec, GoldenSetResult] | None:
-    """Score the release's golden set on this device's runtime, if the release ships one."""
+    """Score the release's golden set on this device's runtime, if the release ships one.
+
+    Its images go through the release's own input contract (or, for a release
+    without one, the same fallback the inference loop uses), so the score covers
+    the whole pixel path.
+    """
     try:
         spec = GoldenSetSpec.from_extra(manifest.extra)
     except AgentError as err:
@@ -96,7 +121,8 @@ def score_golden_set(
     try:
         model = choice.load(path)
         try:
-            result = evaluate_file(model, manifest.labels, npz)
+            preprocess = preprocessor_for(manifest.input, model.input, legacy_range)
+            result = evaluate_file(model, manifest.labels, npz, preprocess)
         finally:
             model.close()
     except AgentError as err:

@@ -7,10 +7,12 @@ import logging
 import pathlib
 import secrets
 import shutil
-from typing import Annotated, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, UploadFile
 
+from agent.common.errors import ProtocolError
+from agent.protocol.input_options import ContractOptions
 from agent.protocol.manifest import VARIANTS
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
 from server.api.schemas import (
@@ -33,7 +35,7 @@ from server.api.schemas import (
     Variant,
 )
 from server.db import queries
-from server.db.tables import Device
+from server.db.tables import Device, Model
 from server.errors import InvalidInputError, ModelValidationError
 from server.publish.service import Publisher, PublishRequest
 
@@ -114,6 +116,18 @@ def show_device(device_id: Annotated[str, Path(pattern=DEVICE_ID)], st: State) -
         )
 
 
+def _ContractField(description: str) -> Any:  # noqa: N802 - used like Form()
+    return Form(max_length=200, description=f"input contract: {description}")
+
+
+def model_out(row: Model) -> ModelOut:
+    """A model row for the API, with the input contract its signed manifest carries."""
+    out = ModelOut.model_validate(row)
+    contract = (row.manifest or {}).get("input")
+    out.input = dict(contract) if isinstance(contract, dict) else None
+    return out
+
+
 def _label_lines(raw: bytes) -> list[str]:
     """A labels file: one label per line, or a JSON list of strings."""
     try:
@@ -166,21 +180,41 @@ def publish(
     labels_file: Annotated[UploadFile | None, File(description="one label per line")] = None,
     fp32_length: Annotated[int | None, Form(ge=1)] = None,
     golden_set: Annotated[
-        UploadFile | None, File(description="labelled .npz (x: frames in [0,1], y: class ids)")
+        UploadFile | None,
+        File(description="labelled .npz (x: uint8 NxHxWx3 RGB images, y: class ids)"),
     ] = None,
     min_accuracy: Annotated[float | None, Form(ge=0, le=1)] = None,
+    input_range: Annotated[str | None, _ContractField("pixel 0..255 to LO..HI, as 'LO,HI'")] = None,
+    mean: Annotated[str | None, _ContractField("per-channel mean in pixel units, M[,M,M]")] = None,
+    std: Annotated[str | None, _ContractField("per-channel std in pixel units, S[,S,S]")] = None,
+    resize: Annotated[str | None, _ContractField("bilinear, area, nearest or letterbox")] = None,
+    pad: Annotated[str | None, _ContractField("letterbox fill, a pixel value 0..255")] = None,
+    crop: Annotated[str | None, _ContractField("central crop fraction in (0, 1]")] = None,
+    color: Annotated[str | None, _ContractField("channel order the model takes: RGB, BGR")] = None,
 ) -> ModelOut:
-    """Validate, sign and publish a model release as a TUF target."""
+    """Validate, sign and publish a model release as a TUF target.
+
+    An image model needs a pixel-to-value mapping: ``input_range`` or ``mean``
+    and ``std``, unless its TFLite Metadata carries normalization options.
+    """
     if (golden_set is None) != (min_accuracy is None):
         raise InvalidInputError("golden_set and min_accuracy go together")
     if variant not in VARIANTS:
         raise InvalidInputError(f"unknown variant {variant!r}; expected {', '.join(VARIANTS)}")
+    try:
+        options = ContractOptions.parse(
+            input_range=input_range, mean=mean, std=std, resize=resize, pad=pad, crop=crop,
+            color=color,
+        )  # fmt: skip
+    except ProtocolError as err:
+        raise InvalidInputError(str(err)) from err
     label_list = _labels(labels, labels_file, st.config.max_labels)
     upload = _spool(file.file, st.config.upload_dir)
     golden_upload = _spool(golden_set.file, st.config.upload_dir) if golden_set else None
     request = PublishRequest(
         model=upload, name=name, release=release, variant=variant, labels=label_list,
         fp32_length=fp32_length, golden_set=golden_upload, min_accuracy=min_accuracy,
+        input_options=options,
     )  # fmt: skip
     try:
         result = Publisher(st.repo, st.db, st.publish_lock).publish(request)
@@ -192,7 +226,8 @@ def publish(
         upload.unlink(missing_ok=True)
         if golden_upload is not None:
             golden_upload.unlink(missing_ok=True)
-    out = ModelOut.model_validate(result.row)
+    out = model_out(result.row)
+    out.input_notes = list(result.notes)
     out.deltas = [
         DeltaOut(
             base_release=d.base_release,
@@ -209,7 +244,7 @@ def publish(
 @router.get("/models", response_model=list[ModelOut])
 def list_models(st: State, name: Annotated[ModelName | None, Query()] = None) -> list[ModelOut]:
     with st.db.session() as s:
-        return [ModelOut.model_validate(m) for m in queries.list_models(s, name)]
+        return [model_out(m) for m in queries.list_models(s, name)]
 
 
 @router.post("/assignments", response_model=AssignmentOut, status_code=201)

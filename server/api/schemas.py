@@ -220,6 +220,8 @@ class ModelOut(_Out):
     labels: list[str]
     created_at: UtcTime
     deltas: list[DeltaOut] = []
+    input: dict[str, Any] | None = None  # the signed input contract; None before contracts
+    input_notes: list[str] = []  # publish only: where the contract came from
 
 
 class AssignmentOut(_Out):

@@ -1,8 +1,10 @@
 """Publishing a release's golden set: validate, score as a reference, sign as a TUF target.
 
-The set is scored on the server with LiteRT before anything is signed; a model
+The set is scored on the server with LiteRT before anything is signed, through
+the release's own input contract (the device's preprocessing code); a model
 that misses its own minimum is refused, so a release can never ship a gate it
 already fails. Devices then re-score it on their own runtime and delegate.
+The format is in docs/data-sets.md.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any
 import numpy as np
 
 from agent.common.errors import AgentError
+from agent.inference.preprocess import Preprocessor
 from agent.inference.runtime import load_model
 from agent.inference.scoring import GoldenSetSpec, evaluate, load_set
+from agent.protocol.input_contract import InputContract
 from server.errors import InvalidInputError, ModelValidationError
 from server.publish.tuf_repo import TufRepository
 
@@ -39,10 +43,15 @@ def prepare_golden_set(
     variant: str,
     labels: Sequence[str],
     min_accuracy: float,
+    contract: InputContract | None,
 ) -> dict[str, Any]:
     """Sign the set and return the manifest ``extra`` that points devices at it."""
     if not 0.0 <= min_accuracy <= 1.0:
         raise InvalidInputError("min_accuracy must be between 0 and 1")
+    if contract is None:
+        raise InvalidInputError(
+            "a golden set needs an image model (1xHxWxC input) with an input contract"
+        )
     size = npz_path.stat().st_size
     if size > MAX_GOLDEN_SET_BYTES:
         raise InvalidInputError(f"golden set is {size} bytes; the limit is {MAX_GOLDEN_SET_BYTES}")
@@ -51,9 +60,14 @@ def prepare_golden_set(
     except AgentError as err:
         raise ModelValidationError(f"model does not load: {err}") from err
     try:
+        preprocess = Preprocessor(contract, model.input)
+    except AgentError as err:
+        model.close()
+        raise ModelValidationError(f"input contract does not fit the model: {err}") from err
+    try:
         classes = int(np.prod(model.output.shape))
         x, y = load_set(npz_path.read_bytes(), model.input.shape, classes)
-        result = evaluate(model, tuple(labels), x, y)
+        result = evaluate(model, tuple(labels), x, y, preprocess)
     except AgentError as err:
         raise InvalidInputError(f"golden set rejected: {err}") from err
     finally:

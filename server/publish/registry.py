@@ -18,6 +18,7 @@ import numpy as np
 
 from agent.common.errors import ProtocolError
 from agent.inference.smoke_vector import compare_golden, default_tolerance, golden_input_array
+from agent.protocol.input_options import ContractOptions
 from agent.protocol.manifest import (
     VARIANTS,
     Golden,
@@ -27,6 +28,7 @@ from agent.protocol.manifest import (
     model_target_path,
 )
 from server.errors import ConflictError, InvalidInputError, ModelValidationError
+from server.publish.pixel_contract import resolve_input
 from server.publish.tuf_repo import TufRepository
 
 logger = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ def _golden(interpreter: Any, path: Path, seed: str, output_dtype: str) -> Golde
 
 
 def make_golden(path: Path, seed: str) -> Golden:
-    """Run the seed's input through the model; record output 0 (see agent.golden)."""
+    """Run the seed's input through the model; record output 0 (agent.inference.smoke_vector)."""
     interpreter = _interpreter(path)
     _, outputs = _specs(interpreter, Path(path))
     return _golden(interpreter, Path(path), seed, outputs[0].dtype)
@@ -168,8 +170,13 @@ def build_manifest(  # noqa: PLR0917 - the signature the CLI and API use
     labels: Sequence[str] = (),
     fp32_length: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    input_options: ContractOptions | None = None,
 ) -> ModelManifest:
-    """Everything the device needs to trust and smoke-test this model file."""
+    """Everything the device needs to trust, smoke-test and feed this model file.
+
+    ``input_options`` are the publish flags for the input contract; an image
+    model is refused unless they or its TFLite Metadata map pixels to values.
+    """
     try:
         check_name(name)
     except ProtocolError as err:
@@ -185,6 +192,7 @@ def build_manifest(  # noqa: PLR0917 - the signature the CLI and API use
     classes = outputs[0].shape[-1] if outputs[0].shape else 1
     if labels and len(labels) != classes:
         raise ModelValidationError(f"{len(labels)} labels given but output 0 has {classes} classes")
+    contract = resolve_input(Path(path), inputs[0], input_options or ContractOptions()).contract
     length, sha256 = _file_digest(Path(path))
     return ModelManifest(
         name=name,
@@ -198,6 +206,7 @@ def build_manifest(  # noqa: PLR0917 - the signature the CLI and API use
         labels=tuple(labels),
         fp32_length=fp32_length,
         extra=dict(extra or {}),
+        input=contract,
     )
 
 
@@ -210,11 +219,13 @@ def publish_model(  # noqa: PLR0917 - the signature the CLI and API use
     labels: Sequence[str] = (),
     fp32_length: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    input_options: ContractOptions | None = None,
 ) -> ModelManifest:
     """Validate, sign and store a model release. Re-publishing identical bytes is a no-op."""
     manifest = build_manifest(
-        path, name, release, variant, labels=labels, fp32_length=fp32_length, extra=extra
-    )
+        path, name, release, variant, labels=labels, fp32_length=fp32_length, extra=extra,
+        input_options=input_options,
+    )  # fmt: skip
     target = model_target_path(name, release, variant)
     existing = repo.targets().get(target)
     if existing is not None:

@@ -5,10 +5,11 @@ run under the repository's publish lock, in this order, so a failure leaves
 nothing half-published:
 
 1. refuse a release that already exists;
-2. score the golden set (if any) as the release's reference and sign it;
-3. validate the model, record its golden output and sign it as a TUF target;
-4. record the release in the database;
-5. build deltas from the releases the fleet runs and sign each one.
+2. decide the input contract (flags, else the model's TFLite Metadata, else refuse);
+3. score the golden set (if any) through that contract as the release's reference, sign it;
+4. validate the model, record its golden output and sign it as a TUF target;
+5. record the release in the database;
+6. build deltas from the releases the fleet runs and sign each one.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.protocol.input_options import ContractOptions
 from agent.protocol.manifest import ModelManifest, model_target_path
 from server.db import queries
 from server.db.tables import Database, Model
 from server.errors import ConflictError
 from server.publish.deltas import BuiltDelta, build_deltas, choose_bases, fleet_bases
 from server.publish.golden_sets import prepare_golden_set
-from server.publish.registry import publish_model
+from server.publish.pixel_contract import resolve_input
+from server.publish.registry import inspect_model, publish_model
 from server.publish.tuf_repo import TufRepository
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ class PublishRequest:
     fp32_length: int | None = None
     golden_set: Path | None = None
     min_accuracy: float | None = None
+    input_options: ContractOptions = field(default_factory=ContractOptions)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class PublishResult:
     manifest: ModelManifest
     row: Model
     deltas: list[BuiltDelta]
+    notes: tuple[str, ...] = ()  # where the input contract came from
 
 
 class Publisher:
@@ -68,15 +73,19 @@ class Publisher:
                         f"model {req.name} release {req.release} variant {req.variant} "
                         "is already published"
                     )
+            inputs, _ = inspect_model(req.model)
+            resolved = resolve_input(req.model, inputs[0], req.input_options)
             extra = None
             if req.golden_set is not None and req.min_accuracy is not None:
                 extra = prepare_golden_set(
                     self.repo, req.model, req.golden_set, name=req.name, release=req.release,
                     variant=req.variant, labels=list(req.labels), min_accuracy=req.min_accuracy,
+                    contract=resolved.contract,
                 )  # fmt: skip
             manifest = publish_model(
                 self.repo, req.model, req.name, req.release, req.variant,
                 labels=list(req.labels), fp32_length=req.fp32_length, extra=extra,
+                input_options=req.input_options,
             )  # fmt: skip
             with self.db.session() as s:
                 row = queries.add_model(s, manifest)
@@ -88,4 +97,4 @@ class Publisher:
             "published model %s@%s %s (%s bytes, %d deltas)",
             req.name, req.release, req.variant, manifest.length, len(built),
         )  # fmt: skip
-        return PublishResult(manifest=manifest, row=row, deltas=built)
+        return PublishResult(manifest=manifest, row=row, deltas=built, notes=resolved.notes)
