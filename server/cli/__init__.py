@@ -20,6 +20,7 @@ from server.errors import ServerError
 #: The modules whose ``add_commands(subparsers)`` make up the CLI, in help order.
 COMMAND_MODULES: list[str] = [
     "server.cli.models",
+    "server.cli.quantize",
     "server.cli.devices",
     "server.cli.bandwidth",
     "server.cli.delta",
