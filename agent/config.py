@@ -30,6 +30,17 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class CameraConfig:
+    """Live sources (v4l2:, rtsp://, http(s)://, file:); see agent.inference.capture."""
+
+    stall_after_s: float = 10.0  # no frame for this long: the camera is in error, and reported
+    read_timeout_s: float = 10.0  # the longest the inference thread waits for one frame
+    open_timeout_s: float = 10.0
+    backoff_max_s: float = 10.0  # reconnect backoff doubles from 0.5 s up to this
+    rtsp_transport: str = "tcp"
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     window_s: float = 10.0
     outbox_max_bytes: int = 16 * 1024 * 1024
@@ -57,6 +68,7 @@ class AgentConfig:
     # CA bundle that signs the broker's certificate, when the server hands out mqtts.
     mqtt_ca_file: str = ""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
 
@@ -67,6 +79,7 @@ class AgentConfig:
 
 _SECTIONS: dict[str, type] = {
     "inference": InferenceConfig,
+    "camera": CameraConfig,
     "telemetry": TelemetryConfig,
     "update": UpdateConfig,
 }
@@ -110,12 +123,18 @@ def _check(cfg: AgentConfig, where: str) -> None:
         "update.max_model_bytes": cfg.update.max_model_bytes,
         "telemetry.outbox_max_bytes": cfg.telemetry.outbox_max_bytes,
         "inference.top_k": cfg.inference.top_k,
+        "camera.stall_after_s": cfg.camera.stall_after_s,
+        "camera.read_timeout_s": cfg.camera.read_timeout_s,
+        "camera.open_timeout_s": cfg.camera.open_timeout_s,
+        "camera.backoff_max_s": cfg.camera.backoff_max_s,
     }
     for key, value in positives.items():
         if value <= 0:
             raise ConfigError(f"{where}: {key} must be positive")
     if cfg.inference.num_threads < 0 or cfg.inference.max_fps < 0:
         raise ConfigError(f"{where}: num_threads and max_fps must not be negative")
+    if cfg.camera.rtsp_transport not in ("tcp", "udp"):
+        raise ConfigError(f"{where}: camera.rtsp_transport must be tcp or udp")
 
 
 def parse_config(

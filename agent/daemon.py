@@ -8,11 +8,12 @@ thread carry messages. Everything stops on SIGTERM within a few seconds.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, sdnotify
 from agent.common.errors import AgentError, ConfigError, SmokeTestError
@@ -34,6 +35,9 @@ from agent.update.trust import TrustClient
 from agent.update.updater import Updater
 from agent.worker import InferenceWorker
 
+if TYPE_CHECKING:
+    from agent.inference.capture import CaptureOptions
+
 log = logging.getLogger(__name__)
 
 # The last flush on the way out must not hold up a SIGTERM stop for the full request timeout.
@@ -43,6 +47,20 @@ STOP_FLUSH_TIMEOUT_S = 3.0
 def resolve_profile(cfg: AgentConfig) -> Profile:
     directory = Path(cfg.profiles_dir) if cfg.profiles_dir else default_profiles_dir()
     return detect_profile(load_profiles(directory), Path(cfg.hw_root), cfg.profile)
+
+
+def capture_options(cfg: AgentConfig) -> CaptureOptions:
+    """Live-source timings from the ``[camera]`` table."""
+    from agent.inference.capture import CaptureOptions  # noqa: PLC0415 - numpy with the model
+
+    cam = cfg.camera
+    return CaptureOptions(
+        stall_after_s=cam.stall_after_s,
+        read_timeout_s=cam.read_timeout_s,
+        open_timeout_s=cam.open_timeout_s,
+        backoff_max_s=max(cam.backoff_max_s, 0.5),
+        rtsp_transport=cam.rtsp_transport,
+    )
 
 
 def runtime_choice(cfg: AgentConfig, profile: Profile) -> RuntimeChoice:
@@ -102,6 +120,8 @@ class Agent:
             extra_telemetry=self._static_telemetry,
             power=self.sampler,
             idle_mw=idle_mw(self.profile),
+            capture=lambda: capture_options(cfg),  # built with the first model: PyAV is lazy
+            on_camera=self._camera_changed,
         )
         trust = TrustClient(cfg.state_dir / "tuf", server, pinned_root(cfg.state_dir))
         up = cfg.update
@@ -126,6 +146,9 @@ class Agent:
         self.poll_interval_s = up.poll_interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # Camera transitions come from the inference thread; the main loop reports them.
+        self._camera_events: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
+        self.camera_error: str | None = None
 
     def _smoke_test(self, path: Path, manifest: ModelManifest) -> None:
         """Golden output first, then the release's golden set when it ships one."""
@@ -247,6 +270,7 @@ class Agent:
                     self.checkin_once()
                     next_checkin = time.monotonic() + self.poll_interval_s
                 self._handle_commands()
+                self._report_camera()
                 if self.worker.alive:
                     sdnotify.watchdog()
                 sdnotify.status(self._status_line())
@@ -256,6 +280,17 @@ class Agent:
                 self._wake.clear()
         finally:
             self.stop()
+
+    def _camera_changed(self, state: str, error: str | None) -> None:
+        self._camera_events.put((state, error))
+        self._wake.set()
+
+    def _report_camera(self) -> None:
+        """A dead camera is an error state the server hears of; the watchdog is still fed."""
+        while not self._camera_events.empty():
+            state, error = self._camera_events.get_nowait()
+            self.camera_error = error
+            self._report("camera", state, {"source": self.cfg.inference.frames, "error": error})
 
     def _handle_commands(self) -> None:
         while not self.publisher.commands.empty():
@@ -268,8 +303,10 @@ class Agent:
     def _status_line(self) -> str:
         installed = self.updater.installed()
         model = f"{installed.name}@{installed.release}" if installed else "no model"
+        camera = f"; camera error: {self.camera_error}" if self.camera_error else ""
         return (
-            f"{model}; {self.worker.total_inferences} inferences; {self.status.checkins} check-ins"
+            f"{model}; {self.worker.total_inferences} inferences; "
+            f"{self.status.checkins} check-ins{camera}"
         )
 
 

@@ -7,6 +7,12 @@ a new generation so the health check counts only the new model's frames.
 The per-frame path (``_step``) is kept to the frame, the engine and two
 histogram records: no allocation of our own, no IO, no waking of other
 threads unless one is waiting. Everything else happens once per window.
+
+The frame source is opened with the first model and kept across model swaps:
+a camera stream must not reconnect on every update. A frame is taken outside
+the lock, since a dead camera may block for up to its read timeout; camera
+errors are the camera's, reported through ``on_camera`` and the telemetry
+window's ``camera`` block, and never count against the model.
 Power and thermal come from an optional sampler whose window is cut at the
 same instant as the latency window, so energy per inference matches the
 inferences it is divided by.
@@ -26,17 +32,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.common.errors import AgentError, ConfigError
+from agent.common.errors import AgentError, ConfigError, FrameSourceError
 from agent.protocol.input_contract import InputContract
 from agent.telemetry.sampler import PowerWindow
-from agent.telemetry.window import TelemetryWindow
+from agent.telemetry.window import TelemetryWindow, camera_fields
 from agent.update.smoke import RuntimeChoice
 
 if TYPE_CHECKING:  # numpy and the runtime load with the first model, not at start-up
+    import numpy as np
+    import numpy.typing as npt
+
+    from agent.inference.capture import CaptureOptions
     from agent.inference.classifier import InferenceEngine, Result
     from agent.inference.preprocess import Preprocessor
     from agent.inference.runtime import Model
-    from agent.inference.sources import FrameSource
+    from agent.inference.sources import FrameSource, SourceStats
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +73,12 @@ class WorkerLimits:
 @dataclass
 class _Active:
     engine: InferenceEngine
-    source: FrameSource
     manifest: dict[str, Any]
     slot: str
     generation: int
+
+
+CameraReport = Callable[[str, str | None], None]  # (state, error or None), on transitions
 
 
 class InferenceWorker:
@@ -85,6 +97,8 @@ class InferenceWorker:
         idle_mw: float = 0.0,
         limits: WorkerLimits | None = None,
         legacy_range: tuple[float, float] = (0.0, 1.0),
+        capture: Callable[[], CaptureOptions] | None = None,
+        on_camera: CameraReport | None = None,
     ) -> None:
         if window_s <= 0 or max_fps < 0 or warmup < 0 or idle_mw < 0:
             raise ConfigError("worker needs window_s > 0 and max_fps, warmup, idle_mw >= 0")
@@ -100,6 +114,11 @@ class InferenceWorker:
         self.idle_mw = idle_mw
         self.limits = limits or WorkerLimits()
         self.legacy_range = legacy_range
+        self.capture = capture
+        self.on_camera = on_camera
+        self._source: FrameSource | None = None
+        self._camera_error: str | None = None
+        self._camera_before: SourceStats | None = None  # at the last window, for deltas
         self._lock = threading.Condition()
         self._active: _Active | None = None
         self._generation = 0
@@ -132,11 +151,16 @@ class InferenceWorker:
                 engine = InferenceEngine(
                     model, preprocess, manifest.get("labels") or (), top_k=self.top_k
                 )
-                source = open_source(self.frames, model.input.shape)
+                if self._source is None:
+                    self._source = open_source(
+                        self.frames,
+                        model.input.shape,
+                        capture=self.capture() if self.capture is not None else None,
+                    )
             except AgentError:
                 model.close()
                 raise
-            new = _Active(engine, source, manifest, model_path.parent.name, self._generation + 1)
+            new = _Active(engine, manifest, model_path.parent.name, self._generation + 1)
         with self._lock:
             old = self._active
             self._generation += 1
@@ -149,7 +173,6 @@ class InferenceWorker:
             self._lock.notify_all()
         if old is not None:
             old.engine.model.close()
-            old.source.close()
 
     def _preprocessor(self, model: Model, manifest: dict[str, Any]) -> Preprocessor:
         from agent.inference.preprocess import preprocessor_for  # noqa: PLC0415
@@ -177,7 +200,11 @@ class InferenceWorker:
                 while self._gen_error is None and self._gen_ok < inferences:
                     left = deadline - time.monotonic()
                     if left <= 0 or self._active is None:
-                        return f"only {self._gen_ok}/{inferences} inferences in {timeout_s:.0f}s"
+                        camera = f" (camera: {self._camera_error})" if self._camera_error else ""
+                        return (
+                            f"only {self._gen_ok}/{inferences} inferences in {timeout_s:.0f}s"
+                            + camera
+                        )
                     self._lock.wait(timeout=min(left, 0.5))
                 return self._gen_error
             finally:
@@ -197,6 +224,9 @@ class InferenceWorker:
         if self._thread:
             self._thread.join(timeout=self.limits.join_timeout_s)
         self.swap(None, None)
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
     @property
     def alive(self) -> bool:
@@ -213,9 +243,15 @@ class InferenceWorker:
                 active = self._active
                 if active is None:
                     lock.wait(timeout=self.limits.idle_wait_s)
-                    ok = True
+            ok = True
+            if active is not None:
+                frame = self._frame()
+                if frame is None:
+                    ok = False
                 else:
-                    ok = step(active)
+                    with lock:
+                        # A swap meanwhile: the frame goes to the new model next round.
+                        ok = step(active, frame) if self._active is active else True
             now = monotonic()
             if now >= next_window:
                 next_window = now + self.window_s
@@ -228,11 +264,32 @@ class InferenceWorker:
                 due = max(due + self.min_period, now)
                 stop.wait(due - now)
 
-    def _step(self, active: _Active) -> bool:
-        """One frame; called with the lock held. False when it failed."""
-        t0 = time.perf_counter_ns()
+    def _frame(self) -> npt.NDArray[np.uint8] | None:
+        """The next frame, or None while the camera is in error (reported on transitions)."""
+        source = self._source
+        if source is None:
+            return None
         try:
-            result = active.engine.run(next(active.source))
+            frame = next(source)
+        except (FrameSourceError, StopIteration) as err:
+            text = str(err) or f"frame source {self.frames} ended"
+            if self._camera_error is None:
+                log.error("camera error: %s", text)
+                if self.on_camera is not None:
+                    self.on_camera("error", text)
+            self._camera_error = text
+            return None
+        if self._camera_error is not None:
+            log.info("camera recovered after: %s", self._camera_error)
+            self._camera_error = None
+            if self.on_camera is not None:
+                self.on_camera("ok", None)
+        return frame
+
+    def _step(self, active: _Active, frame: npt.NDArray[np.uint8]) -> bool:
+        """One frame; called with the lock held. False when it failed."""
+        try:
+            result = active.engine.run(frame)
         except AgentError as err:
             self.window.error()
             if self._gen_error is None:  # log once per model; the window counts the rest
@@ -240,7 +297,9 @@ class InferenceWorker:
             self._gen_error = f"inference failed: {err}"
             self._lock.notify_all()
             return False
-        self.window.record(result.invoke_ns, time.perf_counter_ns() - t0)
+        # End to end is from the frame's capture to its result.
+        captured = self._source.captured_ns if self._source is not None else 0
+        self.window.record(result.invoke_ns, time.perf_counter_ns() - captured)
         self.total_inferences += 1
         self._gen_ok += 1
         if self._waiters:
@@ -256,8 +315,21 @@ class InferenceWorker:
             "model": active.manifest.get("name"),
             "slot": active.slot,
             "class_counts": active.engine.class_counts(),
+            "confidence_hist": active.engine.confidence_histogram(),
             "last_top_k": [[label, round(score, 4)] for label, score in top_k],
         }
+
+    def _camera_window(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """The source's counters over this window (camera fps, drops, errors, reconnects)."""
+        source = self._source
+        if source is None:
+            return None
+        stats = source.stats()
+        fields = camera_fields(stats.as_dict(), self._camera_before, payload.get("fps"))
+        self._camera_before = stats
+        if self._camera_error is not None:
+            fields["error"] = self._camera_error
+        return fields
 
     def _flush_window(self) -> None:
         started = time.thread_time()
@@ -273,6 +345,7 @@ class InferenceWorker:
         if results is not None:
             self.publish("results", results)
         if payload is not None:
+            payload["camera"] = self._camera_window(payload)
             if self.extra_telemetry is not None:
                 payload.update(self.extra_telemetry())
             self.publish("telemetry", payload)

@@ -75,6 +75,7 @@ def enroll_agent(
     board: str = "x86-gateway",
     tags: tuple[str, ...] = ("fleet=test",),
     extra: str = "",
+    inference: str = "",
 ) -> Agent:
     """Enroll through the real CLI, then build the daemon from the config it wrote."""
     config = work / "agent.toml"
@@ -82,7 +83,8 @@ def enroll_agent(
     config.write_text(
         f'[agent]\nstate_dir = "{work / "state"}"\nhw_root = "{BOARDS / board}"\n'
         "[inference]\nnum_threads = 1\nmax_fps = 200\n"
-        "[telemetry]\nwindow_s = 0.5\nwarmup_inferences = 2\n"
+        + inference
+        + "[telemetry]\nwindow_s = 0.5\nwarmup_inferences = 2\n"
         "[update]\npoll_interval_s = 1\nhealth_inferences = 5\n" + extra
     )
     argv = [

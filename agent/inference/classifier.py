@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 TopK = tuple[tuple[str, float], ...]
 _NO_FRAME: npt.NDArray[np.uint8] = np.empty((0, 0, 3), np.uint8)
 
+CONFIDENCE_BINS = 10  # top-1 score histogram bins per telemetry window
+
 
 @dataclass(frozen=True)
 class Ranking:
@@ -131,6 +133,7 @@ class InferenceEngine:
         self.labels = tuple(labels) if labels else tuple(str(i) for i in range(classes))
         self.top_k = min(top_k, classes)
         self._counts = [0] * classes
+        self._confidence = [0] * CONFIDENCE_BINS
         out = model.output
         scale = out.scale if out.is_quantized else 0.0
         self._ranking = Ranking(self.labels, self.top_k, out.zero_point, scale)
@@ -145,8 +148,17 @@ class InferenceEngine:
         """Counts per label since the last reset; labels never seen are left out."""
         return {self.labels[i]: n for i, n in enumerate(self._counts) if n}
 
+    def confidence_histogram(self) -> list[int]:
+        """Top-1 scores since the last reset in bins of 0.1 (the last one holds 1.0).
+
+        With the class counts, the label-free view of accuracy in the field: a
+        fogged lens or a wrong delegate shifts these before anyone has labels.
+        """
+        return list(self._confidence)
+
     def reset_counts(self) -> None:
         self._counts = [0] * len(self._counts)
+        self._confidence = [0] * CONFIDENCE_BINS
 
     def _fill(self, buffer: npt.NDArray[Any]) -> None:
         # Straight into the interpreter's input buffer: no set_tensor copy.
@@ -167,5 +179,6 @@ class InferenceEngine:
         self._counts[best] += 1
         ranking = self._ranking
         score = ranking.score(raw.item(best))
+        self._confidence[min(max(int(score * CONFIDENCE_BINS), 0), CONFIDENCE_BINS - 1)] += 1
         t3 = time.perf_counter_ns()
         return Result(best, ranking.labels[best], score, t1 - t0, t2 - t1, t3 - t2, raw, ranking)

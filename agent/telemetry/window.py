@@ -172,3 +172,26 @@ def thermal_fields(power: PowerWindow | None) -> dict[str, Any] | None:
         "cpu_max_freq_khz": min(s for s, _ in cpufreq.policies.values()) if cpufreq else None,
         "errors": list(sample.errors),
     }
+
+
+_CAMERA_COUNTERS = ("frames_captured", "frames_dropped", "decode_errors", "reconnects")
+
+
+def camera_fields(
+    now: dict[str, Any], before: Any | None, processed_fps: float | None
+) -> dict[str, Any]:
+    """A frame source's window: its state and fps now, and its counters since ``before``.
+
+    ``now`` is ``SourceStats.as_dict()``; ``before`` the previous window's
+    ``SourceStats`` (None for the first window, which counts from the start).
+    """
+    previous = before.as_dict() if before is not None else {}
+    out: dict[str, Any] = {
+        "state": now["state"],
+        "camera_fps": round(float(now["camera_fps"]), 2),
+        "processed_fps": processed_fps,
+    }
+    for key in _CAMERA_COUNTERS:
+        out[key] = int(now[key]) - int(previous.get(key, 0))
+    out["downtime_s"] = round(float(now["downtime_s"]) - float(previous.get("downtime_s", 0.0)), 3)
+    return out
