@@ -272,16 +272,6 @@ def test_v4l2_missing_device_and_plain_file(tmp_path: Path) -> None:
         open_source(f"v4l2:{tmp_path / 'video0'}")
 
 
-@pytest.mark.skipif(not os.environ.get("EDGEFLEET_V4L2_DEVICE"),
-                    reason="set EDGEFLEET_V4L2_DEVICE=/dev/videoN to test a real camera")
-def test_v4l2_real_camera() -> None:
-    device = os.environ["EDGEFLEET_V4L2_DEVICE"]
-    with open_source(f"v4l2:{device}?format=mjpeg&size=640x480", capture=QUICK) as source:
-        frame = next(source)
-        assert frame.ndim == 3 and frame.shape[2] == 3 and frame.dtype == np.uint8
-        assert source.health().ok
-
-
 def test_colours_are_rgb_not_bgr(tmp_path: Path) -> None:
     path = tmp_path / "red.mp4"
     write_video(path, 3)
