@@ -25,6 +25,7 @@ from server.api.schemas import (
     DeviceOut,
     ErrorOut,
     EventOut,
+    GateOut,
     InstalledOut,
     ModelName,
     ModelOut,
@@ -36,7 +37,16 @@ from server.api.schemas import (
 )
 from server.db import queries
 from server.db.tables import Device, Model
-from server.errors import InvalidInputError, ModelValidationError
+from server.errors import InvalidInputError, ModelValidationError, NotFoundError
+from server.publish.deltas import BuiltDelta
+from server.publish.publish_gate import GateRequest, check_override, gate_config_from
+from server.publish.reports import (
+    GateSummary,
+    choose_variant,
+    gate_summaries,
+    get_report,
+    signed_deltas,
+)
 from server.publish.service import Publisher, PublishRequest
 
 log = logging.getLogger(__name__)
@@ -120,11 +130,12 @@ def _ContractField(description: str) -> Any:  # noqa: N802 - used like Form()
     return Form(max_length=200, description=f"input contract: {description}")
 
 
-def model_out(row: Model) -> ModelOut:
-    """A model row for the API, with the input contract its signed manifest carries."""
+def model_out(row: Model, gate: GateSummary | None = None) -> ModelOut:
+    """A model row for the API, with its signed input contract and its gate verdict."""
     out = ModelOut.model_validate(row)
     contract = (row.manifest or {}).get("input")
     out.input = dict(contract) if isinstance(contract, dict) else None
+    out.gate = None if gate is None else GateOut.model_validate(gate.to_json())
     return out
 
 
@@ -160,12 +171,30 @@ def _labels(text: str | None, upload: UploadFile | None, limit: int) -> list[str
     return labels
 
 
-def _spool(source: BinaryIO, folder: pathlib.Path) -> pathlib.Path:
+def _spool(source: BinaryIO, folder: pathlib.Path, suffix: str = ".tflite") -> pathlib.Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"upload-{secrets.token_hex(8)}.tflite"
+    path = folder / f"upload-{secrets.token_hex(8)}{suffix}"
     with open(path, "wb") as out:
         shutil.copyfileobj(source, out, _COPY_CHUNK)
     return path
+
+
+def _delta_out(d: BuiltDelta) -> DeltaOut:
+    return DeltaOut(base_release=d.base_release, base_sha256=d.base_sha256,
+                    target_path=d.target_path, length=d.length, method=d.method)  # fmt: skip
+
+
+def _shown_error(err: InvalidInputError, spooled: dict[pathlib.Path, str]) -> InvalidInputError:
+    """The error naming the client's files, not the server's spool paths, on one line."""
+    text = str(err)
+    for path, shown in spooled.items():
+        text = text.replace(str(path), shown)
+    text = " ".join(text.split())
+    if text == str(err):
+        return err
+    return (ModelValidationError if isinstance(err, ModelValidationError) else InvalidInputError)(
+        text
+    )
 
 
 @upload_router.post("/models", response_model=ModelOut, status_code=201)
@@ -184,6 +213,20 @@ def publish(
         File(description="labelled .npz (x: uint8 NxHxWx3 RGB images, y: class ids)"),
     ] = None,
     min_accuracy: Annotated[float | None, Form(ge=0, le=1)] = None,
+    fp32: Annotated[
+        UploadFile | None, File(description="the FP32 original, for the accuracy gate")
+    ] = None,
+    validation: Annotated[
+        UploadFile | None,
+        File(description="camera-space .npz (x: uint8 NxHxWx3, y: class ids) for the gate"),
+    ] = None,
+    max_drop: Annotated[float | None, Form(ge=0, le=100, description="points, default 1")] = None,
+    max_class_drop: Annotated[
+        float | None, Form(ge=0, le=100, description="points per class, default 3")
+    ] = None,
+    override: Annotated[
+        str | None, Form(max_length=500, description="reason to publish what the gate refuses")
+    ] = None,
     input_range: Annotated[str | None, _ContractField("pixel 0..255 to LO..HI, as 'LO,HI'")] = None,
     mean: Annotated[str | None, _ContractField("per-channel mean in pixel units, M[,M,M]")] = None,
     std: Annotated[str | None, _ContractField("per-channel std in pixel units, S[,S,S]")] = None,
@@ -196,9 +239,20 @@ def publish(
 
     An image model needs a pixel-to-value mapping: ``input_range`` or ``mean``
     and ``std``, unless its TFLite Metadata carries normalization options.
+    With ``fp32`` and ``validation`` the accuracy gate runs first: a refusal is
+    a 422 naming the failed classes, unless ``override`` gives a reason.
     """
     if (golden_set is None) != (min_accuracy is None):
         raise InvalidInputError("golden_set and min_accuracy go together")
+    if (fp32 is None) != (validation is None):
+        raise InvalidInputError(
+            "fp32 and validation go together: the gate scores the model against its FP32 "
+            "original on the validation set"
+        )
+    if validation is None and (max_drop, max_class_drop, override) != (None, None, None):
+        raise InvalidInputError("max_drop, max_class_drop and override need fp32 and validation")
+    gate_config = gate_config_from(max_drop, max_class_drop)
+    override = check_override(override)
     if variant not in VARIANTS:
         raise InvalidInputError(f"unknown variant {variant!r}; expected {', '.join(VARIANTS)}")
     try:
@@ -209,42 +263,91 @@ def publish(
     except ProtocolError as err:
         raise InvalidInputError(str(err)) from err
     label_list = _labels(labels, labels_file, st.config.max_labels)
-    upload = _spool(file.file, st.config.upload_dir)
-    golden_upload = _spool(golden_set.file, st.config.upload_dir) if golden_set else None
-    request = PublishRequest(
-        model=upload, name=name, release=release, variant=variant, labels=label_list,
-        fp32_length=fp32_length, golden_set=golden_upload, min_accuracy=min_accuracy,
-        input_options=options,
-    )  # fmt: skip
+    spooled: dict[pathlib.Path, str] = {}  # spool path -> how errors name the client's file
+
+    def spool(part: UploadFile, shown: str, suffix: str = ".tflite") -> pathlib.Path:
+        path = _spool(part.file, st.config.upload_dir, suffix)
+        spooled[path] = f"{shown} {part.filename or suffix[1:]!r}".strip()
+        return path
+
     try:
+        upload = spool(file, "uploaded file")
+        golden_upload = spool(golden_set, "golden set", ".npz") if golden_set else None
+        gate = None
+        if fp32 is not None and validation is not None:
+            gate = GateRequest(spool(fp32, "uploaded FP32 file"),
+                               spool(validation, "", ".npz"), gate_config, override)  # fmt: skip
+            fp32_length = gate.fp32.stat().st_size
+        request = PublishRequest(
+            model=upload, name=name, release=release, variant=variant, labels=label_list,
+            fp32_length=fp32_length, golden_set=golden_upload, min_accuracy=min_accuracy,
+            input_options=options, gate=gate,
+        )  # fmt: skip
         result = Publisher(st.repo, st.db, st.publish_lock).publish(request)
-    except ModelValidationError as err:
-        # Name the client's file, not the server's spool path.
-        shown = f"uploaded file {file.filename or 'model'!r}"
-        raise ModelValidationError(str(err).replace(str(upload), shown)) from err
+    except InvalidInputError as err:
+        shown = _shown_error(err, spooled)
+        if shown is err:
+            raise
+        raise shown from err
     finally:
-        upload.unlink(missing_ok=True)
-        if golden_upload is not None:
-            golden_upload.unlink(missing_ok=True)
-    out = model_out(result.row)
+        for path in spooled:
+            path.unlink(missing_ok=True)
+    out = model_out(result.row, result.gate)
     out.input_notes = list(result.notes)
-    out.deltas = [
-        DeltaOut(
-            base_release=d.base_release,
-            base_sha256=d.base_sha256,
-            target_path=d.target_path,
-            length=d.length,
-            method=d.method,
-        )
-        for d in result.deltas
-    ]
+    out.deltas = [_delta_out(d) for d in result.deltas]
     return out
 
 
 @router.get("/models", response_model=list[ModelOut])
 def list_models(st: State, name: Annotated[ModelName | None, Query()] = None) -> list[ModelOut]:
     with st.db.session() as s:
-        return [model_out(m) for m in queries.list_models(s, name)]
+        gates = gate_summaries(s, name)
+        return [
+            model_out(m, gates.get((m.name, m.release, m.variant)))
+            for m in queries.list_models(s, name)
+        ]
+
+
+ReleasePath = Annotated[Release, Path(description="the release counter")]
+
+
+@router.get("/models/{name}/{release}", response_model=list[ModelOut])
+def show_release(name: Annotated[ModelName, Path()], release: ReleasePath, st: State) -> (
+    list[ModelOut]
+):  # fmt: skip
+    """Every variant of one release, with its gate verdict and the deltas signed into it."""
+    with st.db.session() as s:
+        rows = queries.release_variants(s, name, release)
+        if not rows:
+            raise NotFoundError(f"model {name} release {release} is not published")
+        gates = gate_summaries(s, name, release)
+        every = queries.list_models(s, name)
+    deltas = signed_deltas(st.repo.targets(), rows, every)
+    out = []
+    for m in rows:
+        item = model_out(m, gates.get((m.name, m.release, m.variant)))
+        item.deltas = [_delta_out(d) for d in deltas.get(m.variant, [])]
+        out.append(item)
+    return out
+
+
+@router.get("/models/{name}/{release}/report", response_model=dict[str, Any])
+def release_report(
+    name: Annotated[ModelName, Path()], release: ReleasePath, st: State,
+    variant: Annotated[Variant | None, Query(description="default: the only one, or int8-cpu")]
+    = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The accuracy gate's report stored at publish, with the reference distributions."""
+    with st.db.session() as s:
+        rows = queries.release_variants(s, name, release)
+        chosen = choose_variant(name, release, [m.variant for m in rows], variant)
+        report = get_report(s, name, release, chosen)
+    if report is None:
+        raise NotFoundError(
+            f"model {name} release {release} variant {chosen} has no validation report "
+            "(it was published without fp32 and validation)"
+        )
+    return report
 
 
 @router.post("/assignments", response_model=AssignmentOut, status_code=201)

@@ -209,6 +209,23 @@ class DeltaOut(BaseModel):
     method: str
 
 
+class OverrideOut(BaseModel):
+    reason: str
+    by: str
+    at: UtcTime
+
+
+class GateOut(BaseModel):
+    """The accuracy gate's verdict on a release published with its FP32 original."""
+
+    decision: str
+    passed: bool
+    failed_classes: list[str]
+    overall: dict[str, Any] | None  # n, reference, candidate, drop (points)
+    summary: str
+    override: OverrideOut | None  # set when an operator shipped a refused release
+
+
 class ModelOut(_Out):
     name: str
     release: int
@@ -222,6 +239,7 @@ class ModelOut(_Out):
     deltas: list[DeltaOut] = []
     input: dict[str, Any] | None = None  # the signed input contract; None before contracts
     input_notes: list[str] = []  # publish only: where the contract came from
+    gate: GateOut | None = None  # None when published without fp32 and validation
 
 
 class AssignmentOut(_Out):

@@ -299,6 +299,12 @@ def list_models(s: Session, name: str | None = None) -> list[Model]:
     return list(s.scalars(query))
 
 
+def release_variants(s: Session, name: str, release: int) -> list[Model]:
+    """The published variants of one release, by variant name."""
+    query = select(Model).where(Model.name == name, Model.release == release)
+    return list(s.scalars(query.order_by(Model.variant)))
+
+
 def create_assignment(
     s: Session, name: str, release: int, device_id: str | None, tag: str | None
 ) -> Assignment:

@@ -29,6 +29,7 @@ from agent.protocol.manifest import (
 )
 from server.errors import ConflictError, InvalidInputError, ModelValidationError
 from server.publish.pixel_contract import resolve_input
+from server.publish.quantize_graph import Graph
 from server.publish.tuf_repo import TufRepository
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,14 @@ logger = logging.getLogger(__name__)
 TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier at bytes 4..8
 MAX_MODEL_BYTES = 512 * 1024 * 1024
 MAX_LABELS_BYTES = 1024 * 1024
+# Variant -> (Graph.integer_problems variant, float ops allowed inside). CPU-side delegates run
+# the quantizer's mixed precision (integer input and output, some float ops); the Edge TPU
+# runs int8 only. fp32 takes any model.
+INTEGER_VARIANTS = {
+    "int8-cpu": ("int8-cpu", True), "int8-xnnpack": ("int8-cpu", True),
+    "int8-gpu": ("int8-cpu", True), "edgetpu": ("int8-edgetpu", False),
+}  # fmt: skip
+_SHOWN_PROBLEMS = 4
 
 
 def _interpreter(path: Path, num_threads: int = 1) -> Any:
@@ -133,6 +142,21 @@ def check_golden(model_path: Path, manifest: ModelManifest, num_threads: int = 1
         raise ModelValidationError(f"{model_path} golden mismatch: {reason}")
 
 
+def check_variant(path: Path, variant: str) -> None:
+    """Refuse a file whose tensors are not integer where an INT8 ``variant`` needs them."""
+    need = INTEGER_VARIANTS.get(variant)
+    if need is None:
+        return
+    problems = Graph.read(Path(path)).integer_problems(*need)
+    if problems:
+        more = len(problems) - _SHOWN_PROBLEMS
+        shown = "; ".join(problems[:_SHOWN_PROBLEMS]) + (f" (and {more} more)" if more > 0 else "")
+        raise ModelValidationError(
+            f"{path} is not integer where variant {variant} needs it: {shown}; publish a float "
+            "model as variant fp32"
+        )
+
+
 def _file_digest(path: Path) -> tuple[int, str]:
     digest, length = hashlib.sha256(), 0
     with open(path, "rb") as handle:
@@ -189,6 +213,7 @@ def build_manifest(  # noqa: PLR0917 - the signature the CLI and API use
         raise InvalidInputError("fp32_length must be positive")
     interpreter = _interpreter(path)
     inputs, outputs = _specs(interpreter, Path(path))
+    check_variant(Path(path), variant)
     classes = outputs[0].shape[-1] if outputs[0].shape else 1
     if labels and len(labels) != classes:
         raise ModelValidationError(f"{len(labels)} labels given but output 0 has {classes} classes")

@@ -1,15 +1,21 @@
 """The publish workflow: one release from spooled upload to signed targets and deltas.
 
-The HTTP handler parses and spools the upload, then hands it here. The steps
-run under the repository's publish lock, in this order, so a failure leaves
-nothing half-published:
+The HTTP handler parses and spools the upload, then hands it here. Nothing is
+signed or stored until every check has passed, so a failure leaves nothing
+half-published:
 
 1. refuse a release that already exists;
-2. decide the input contract (flags, else the model's TFLite Metadata, else refuse);
-3. score the golden set (if any) through that contract as the release's reference, sign it;
-4. validate the model, record its golden output and sign it as a TUF target;
-5. record the release in the database;
-6. build deltas from the releases the fleet runs and sign each one.
+2. refuse a file that is not integer where its INT8 variant needs it;
+3. decide the input contract (flags, else the model's TFLite Metadata, else refuse);
+4. with an FP32 original and a validation set, run the accuracy gate through that
+   contract (``server.publish.publish_gate``); a refusal without an override ends here.
+   These steps only read the uploads, so they run outside the publish lock: scoring a
+   large set must not hold up other publishes. The rest runs under the lock:
+5. refuse an existing release again (one may have been published meanwhile);
+6. score the golden set (if any) through the contract as the release's reference, sign it;
+7. validate the model, record its golden output and sign it as a TUF target;
+8. record the release, and the gate's report if any, in the database;
+9. build deltas from the releases the fleet runs and sign each one.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from server.errors import ConflictError
 from server.publish.deltas import BuiltDelta, build_deltas, choose_bases, fleet_bases
 from server.publish.golden_sets import prepare_golden_set
 from server.publish.pixel_contract import resolve_input
-from server.publish.registry import inspect_model, publish_model
+from server.publish.publish_gate import GateRequest, run_gate
+from server.publish.registry import check_variant, inspect_model, publish_model
+from server.publish.reports import GateSummary, add_report
 from server.publish.tuf_repo import TufRepository
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,7 @@ class PublishRequest:
     golden_set: Path | None = None
     min_accuracy: float | None = None
     input_options: ContractOptions = field(default_factory=ContractOptions)
+    gate: GateRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class PublishResult:
     row: Model
     deltas: list[BuiltDelta]
     notes: tuple[str, ...] = ()  # where the input contract came from
+    gate: GateSummary | None = None
 
 
 class Publisher:
@@ -65,16 +75,27 @@ class Publisher:
         self.db = db
         self.lock = lock
 
+    def _refuse_existing(self, req: PublishRequest) -> None:
+        with self.db.session() as s:
+            if queries.model_exists(s, req.name, req.release, req.variant):
+                raise ConflictError(
+                    f"model {req.name} release {req.release} variant {req.variant} "
+                    "is already published"
+                )
+
     def publish(self, req: PublishRequest) -> PublishResult:
+        self._refuse_existing(req)
+        inputs, _ = inspect_model(req.model)
+        check_variant(req.model, req.variant)
+        resolved = resolve_input(req.model, inputs[0], req.input_options)
+        gate = None
+        if req.gate is not None:
+            gate = run_gate(
+                req.model, req.gate, contract=resolved.contract, labels=req.labels,
+                variant=req.variant, what=f"{req.name}@{req.release} {req.variant}",
+            )  # fmt: skip
         with self.lock:
-            with self.db.session() as s:
-                if queries.model_exists(s, req.name, req.release, req.variant):
-                    raise ConflictError(
-                        f"model {req.name} release {req.release} variant {req.variant} "
-                        "is already published"
-                    )
-            inputs, _ = inspect_model(req.model)
-            resolved = resolve_input(req.model, inputs[0], req.input_options)
+            self._refuse_existing(req)
             extra = None
             if req.golden_set is not None and req.min_accuracy is not None:
                 extra = prepare_golden_set(
@@ -89,6 +110,13 @@ class Publisher:
             )  # fmt: skip
             with self.db.session() as s:
                 row = queries.add_model(s, manifest)
+                if gate is not None:
+                    release = {"name": manifest.name, "release": manifest.release,
+                               "variant": manifest.variant, "sha256": manifest.sha256,
+                               "length": manifest.length}  # fmt: skip
+                    report = {**gate.report, "release": release}
+                    add_report(s, req.name, req.release, req.variant, report=report,
+                               summary=gate.summary)  # fmt: skip
                 published, installed = fleet_bases(s, manifest)
             bases = choose_bases(manifest, published, installed)
             target = model_target_path(req.name, req.release, req.variant)
@@ -97,4 +125,7 @@ class Publisher:
             "published model %s@%s %s (%s bytes, %d deltas)",
             req.name, req.release, req.variant, manifest.length, len(built),
         )  # fmt: skip
-        return PublishResult(manifest=manifest, row=row, deltas=built, notes=resolved.notes)
+        return PublishResult(
+            manifest=manifest, row=row, deltas=built, notes=resolved.notes,
+            gate=None if gate is None else gate.summary,
+        )  # fmt: skip
