@@ -155,6 +155,9 @@ def test_metrics_show_the_fleet_with_power_sources_and_merged_latency(server: Se
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     exprs += [v.get("definition", "") for v in dashboard["templating"]["list"]]
     queried = set(re.findall(r"\bedgefleet_[a-z0-9_]+", " ".join(exprs)))
+    # Field accuracy needs results windows and a validated release: test_accuracy_drift.py
+    # checks the dashboard's edgefleet_accuracy_* queries against a fleet that has them.
+    queried = {q for q in queried if not q.startswith("edgefleet_accuracy_")}
     served = {name for name, _labels in found}
     assert queried and queried <= served, queried - served
 

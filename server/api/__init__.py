@@ -9,7 +9,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import bandwidth, devices, mqtt_export, operator, rollouts, telemetry, tuf
+from server.api import accuracy, bandwidth, devices, mqtt_export, operator, rollouts, telemetry, tuf
 from server.api.deps import AppState
 from server.api.error_handlers import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
@@ -54,6 +54,7 @@ def create_app(state: AppState, metrics: FleetMetrics | None = None) -> FastAPI:
     app.include_router(telemetry.metrics_router)
     app.include_router(mqtt_export.router)
     app.include_router(bandwidth.router)
+    app.include_router(accuracy.router)
     app.include_router(rollouts.router)
 
     @app.get("/healthz", tags=["meta"])

@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "server.cli.quantize",
     "server.cli.devices",
     "server.cli.bandwidth",
+    "server.cli.accuracy",
     "server.cli.delta",
     "server.cli.mqtt",
     "server.cli.rollout",

@@ -32,6 +32,7 @@ from server.config import MqttEndpoint
 from server.db.queries import store_telemetry
 from server.db.tables import Database, utcnow
 from server.errors import ServerError
+from server.telemetry.accuracy_ingest import ResultsRecorder
 from server.telemetry.writer import IngestClosedError, IngestMessage, RollupWriter
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class TelemetryIngest:
         self._lock = threading.Lock()
         self._stored = 0
         self._rejected = 0
+        self.results = ResultsRecorder(db)  # field accuracy windows from ``results``
         client = _client(endpoint, client_id, clean_session=False)
         client.manual_ack_set(sink is not None and manual_ack)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
@@ -177,6 +179,7 @@ class TelemetryIngest:
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
+        self.results.close()
 
     def publish_command(self, device_id: str, payload: dict[str, Any]) -> None:
         """Send a command to one device on its ``cmd`` topic at QoS 1."""
@@ -236,6 +239,8 @@ class TelemetryIngest:
             log.warning("dropped MQTT message on %r: %s", message.topic[:200], err)
             ack()
             return
+        if channel == "results":
+            self.results.record(device_id, payload)
         assert self._sink is not None
         try:
             self._sink.submit(IngestMessage(device_id, channel, payload, utcnow(), ack))
@@ -255,6 +260,8 @@ class TelemetryIngest:
                 known = store_telemetry(s, device_id, channel, payload)
             if not known:
                 raise ProtocolError(f"unknown device {device_id!r}")
+            if channel == "results":
+                self.results.record(device_id, payload)
         except ProtocolError as err:
             with self._lock:
                 self._rejected += 1

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -31,7 +31,7 @@ from sqlalchemy.orm import aliased
 from server.config import ServerConfig
 from server.db.tables import Database, Device, TelemetryLatest, TelemetryRollup, utcnow
 from server.mqtt.ingest import TelemetryIngest
-from server.telemetry import latency_sketch
+from server.telemetry import accuracy_store, latency_sketch
 from server.telemetry.windows import RollupValues
 from server.telemetry.writer import RollupWriter
 
@@ -101,6 +101,7 @@ class FleetCollector(Collector):
                 select(TelemetryRollup.__table__).where(TelemetryRollup.bucket >= window_since)
             )
             yield from self._telemetry(rows)
+            yield from _accuracy(accuracy_store.fleet_accuracy(s)["releases"])
 
     def _telemetry(self, rows: Iterable[object]) -> Iterator[Metric]:
         by_power: dict[tuple[str, str, str, str], _Group] = {}
@@ -177,6 +178,51 @@ class FleetCollector(Collector):
         )
 
 
+def _accuracy(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Field accuracy per release and profile over the accuracy lookback (hourly buckets)."""
+    lookback = f"over the last {accuracy_store.DEFAULT_LOOKBACK_HOURS}h"
+    keyed = [((r["profile"], r["model"], str(r["release"])), r) for r in rows]
+    judged = [(k, r["drift"]) for k, r in keyed
+              if r["drift"] is not None and r["drift"]["status"] != "insufficient"]  # fmt: skip
+    yield _gauge(
+        "edgefleet_accuracy_golden_set_ratio",
+        "Mean of each device's newest golden-set accuracy (0..1) for the release.",
+        _RELEASE_LABELS,
+        ((*k, r["golden_set_accuracy"]) for k, r in keyed),
+    )
+    yield _gauge(
+        "edgefleet_accuracy_confidence_mean_ratio",
+        f"Mean top-1 confidence (0..1, from histogram bin midpoints) {lookback}.",
+        _RELEASE_LABELS,
+        ((*k, r["mean_confidence"]) for k, r in keyed),
+    )
+    yield _gauge(
+        "edgefleet_accuracy_inferences",
+        f"Inferences counted in results windows {lookback}.",
+        _RELEASE_LABELS,
+        ((*k, r["inferences"]) for k, r in keyed),
+    )
+    yield _gauge(
+        "edgefleet_accuracy_class_drift_psi",
+        f"PSI of predicted classes against the release's validation reference {lookback} "
+        "(0.1 watch, 0.25 drift).",
+        _RELEASE_LABELS,
+        ((*k, d["psi"]) for k, d in judged),
+    )
+    yield _gauge(
+        "edgefleet_accuracy_confidence_drift_psi",
+        f"PSI of top-1 confidence against the release's validation reference {lookback}.",
+        _RELEASE_LABELS,
+        ((*k, d["confidence_psi"]) for k, d in judged),
+    )
+    yield _gauge(
+        "edgefleet_accuracy_drifting_devices",
+        f"Devices whose own class PSI is at or above the drift threshold {lookback}.",
+        _RELEASE_LABELS,
+        ((*k, len(r["drifting_devices"])) for k, r in keyed if r["drift"] is not None),
+    )
+
+
 def _gauge(
     name: str, doc: str, labels: tuple[str, ...], samples: Iterable[Iterable[object]]
 ) -> GaugeMetricFamily:
@@ -226,6 +272,15 @@ class IngestCollector(Collector):
             messages.add_metric(["duplicate"], stats.duplicates)
             messages.add_metric(["rejected"], stats.rejected)
         yield messages
+        if self._ingest is not None:
+            results = CounterMetricFamily(
+                "edgefleet_accuracy_results",
+                "results windows by outcome (rejected: not a well-formed window, not stored).",
+                labels=["result"],
+            )
+            for outcome, count in self._ingest.results.snapshot().items():
+                results.add_metric([outcome], count)
+            yield results
         if written is None or self._writer is None:
             return
         for name, doc, value in (
