@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -55,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
+from bench_proc import busy_cpu_s, free_port, rss_mb, threads_cpu_s, threads_named  # noqa: E402
 
 from agent.inference.runtime import quantize  # noqa: E402
 from agent.inference.sources import open_source  # noqa: E402
@@ -87,31 +87,6 @@ class BenchConfig:
     ready_timeout_s: float = 30.0
     quiet_cores: float = 0.15  # other processes' CPU allowed in a "quiet" segment
     min_quiet_rounds: int = 5
-
-
-# -- helpers -----------------------------------------------------------------------------
-def threads_cpu_s(ids: list[int]) -> float:
-    """CPU time of some of our threads, from their schedstat (ns resolution)."""
-    return sum(int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0])
-               for tid in ids) / 1e9
-
-
-def threads_named(*prefixes: str) -> list[int]:
-    return [t.native_id for t in threading.enumerate()
-            if t.native_id is not None and t.name.startswith(prefixes)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 # -- part 1: the idle agent ----------------------------------------------------------------
@@ -188,13 +163,6 @@ def idle_agent(cfg: BenchConfig) -> tuple[float, float]:
 
 
 # -- part 2: throughput ---------------------------------------------------------------------
-def busy_cpu_s() -> float:
-    """CPU seconds all processes spent busy so far (/proc/stat, all cores)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
-    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields)
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Segment:
     """One timed segment: our frames and CPU, and how busy everyone else was meanwhile."""

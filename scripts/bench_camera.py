@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import selectors
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import av  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
+from bench_proc import free_port  # noqa: E402
 
 from agent.inference.capture import CaptureOptions  # noqa: E402
 from agent.update.smoke import RuntimeChoice  # noqa: E402
@@ -47,12 +47,6 @@ from agent.worker import InferenceWorker  # noqa: E402
 
 MODEL = ROOT / "tests" / "fixtures" / "mobilenetv2_int8.tflite"
 SERVER = ROOT / "tests" / "rtsp_server.py"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_camera(fps: int) -> tuple[subprocess.Popen[str], str]:

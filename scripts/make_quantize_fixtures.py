@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_test_models as base  # needs the path above; imports TensorFlow
 import tensorflow as tf  # already imported by make_test_models, quietened there
+from fixture_spec import Config
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_signed_fp32(out: Path, cfg: base.Config) -> None:
+def make_signed_fp32(out: Path, cfg: Config) -> None:
     """Repeat make_test_models.make_signed_digits, exporting the float model as well."""
     base.seed_everything(cfg.seed + 4)
     x_train, y_train, x_val, y_val = base.load_digits_32(cfg)
@@ -79,7 +80,7 @@ def upscale(x: Any, size: int) -> Any:
     return (resized.numpy() / 127.5 - 1.0).astype(np.float32)
 
 
-def make_mobilenet_fp32(out: Path, cfg: base.Config) -> None:
+def make_mobilenet_fp32(out: Path, cfg: Config) -> None:
     base.seed_everything(cfg.seed + 5)
     x_train, y_train, x_val, y_val = base.load_digits_32(cfg)
     x_train, x_val = upscale(x_train, MOBILENET_SIZE), upscale(x_val, MOBILENET_SIZE)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("signed", "mobilenet"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = base.Config()
+    cfg = Config()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "signed"):
         make_signed_fp32(args.out, cfg)
