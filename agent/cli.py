@@ -6,6 +6,7 @@ import argparse
 import faulthandler
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -147,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     except (AgentError, argparse.ArgumentTypeError) as err:
         print(f"edgefleet-agent: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `edgefleet-agent try ... | head`: the reader left
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the final flush does not fail again
+        os.close(devnull)
+        return 0
     except OSError as err:
         print(f"edgefleet-agent: error: {err}", file=sys.stderr)
         return 2

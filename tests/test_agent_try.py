@@ -158,3 +158,19 @@ def test_an_unreadable_video_is_one_line(tmp_path: Path) -> None:
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("edgefleet-agent: error:")
+
+
+def test_a_reader_that_stops_early_is_not_an_error() -> None:
+    """``try ... --json | head -1``: the closed pipe ends the run quietly."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "try", "--model", str(MODEL), "--source", "synthetic",
+         "--input-range=0,1", "--max-frames", "100000", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    first = json.loads(proc.stdout.readline())
+    assert first["frame"] == 0
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
