@@ -77,15 +77,12 @@ def _pct(correct: int, n: int) -> float:
     return 100.0 * correct / n if n else float("nan")
 
 
-@dataclass(frozen=True)
-class ClassResult:
-    index: int
-    label: str
+class _Scores:
+    """Accuracy in percent of the reference and the candidate, from their correct counts."""
+
     n: int
     reference_correct: int
     candidate_correct: int
-    allowed_loss: int
-    failure: str | None = None  # why it failed, None when it passed
 
     @property
     def reference(self) -> float:
@@ -98,6 +95,17 @@ class ClassResult:
     @property
     def drop(self) -> float:
         return self.reference - self.candidate
+
+
+@dataclass(frozen=True)
+class ClassResult(_Scores):
+    index: int
+    label: str
+    n: int
+    reference_correct: int
+    candidate_correct: int
+    allowed_loss: int
+    failure: str | None = None  # why it failed, None when it passed
 
     @property
     def lost(self) -> int:
@@ -118,7 +126,7 @@ class ClassResult:
 
 
 @dataclass(frozen=True)
-class GateVerdict:
+class GateVerdict(_Scores):
     config: GateConfig
     n: int
     reference_correct: int
@@ -127,18 +135,6 @@ class GateVerdict:
     untested: tuple[str, ...]  # labels with no sample in the set: the gate cannot vouch for them
     decision: str
     reasons: tuple[str, ...]
-
-    @property
-    def reference(self) -> float:
-        return _pct(self.reference_correct, self.n)
-
-    @property
-    def candidate(self) -> float:
-        return _pct(self.candidate_correct, self.n)
-
-    @property
-    def drop(self) -> float:
-        return self.reference - self.candidate
 
     @property
     def failed_classes(self) -> tuple[str, ...]:
