@@ -114,6 +114,7 @@ class GateResult:
     devices: tuple[str, ...] = ()  # the devices behind a trip; empty when it holds
     detail: str = ""
     stage: int | None = None  # for stage-wide gates
+    subject: str = ""  # what within the profile, e.g. "class 'cat'"
 
     @property
     def waiting(self) -> bool:
@@ -121,8 +122,12 @@ class GateResult:
 
     def message(self, listed: int = 10) -> str:
         where = f" on profile {self.profile}" if self.profile else ""
+        if self.subject:
+            where += f" for {self.subject}"
         if self.stage is not None:
             where += f" in stage {self.stage + 1}"
+        if self.value is None and self.detail:
+            return f"{self.name}{where}: {self.detail}"
         if self.value is None:
             missing = self.needed - self.sample
             if missing <= 0:
@@ -158,6 +163,7 @@ class GateResult:
             "devices": list(self.devices),
             "detail": self.detail,
             "stage": self.stage,
+            "subject": self.subject,
         }
 
 

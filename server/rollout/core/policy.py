@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -41,6 +41,8 @@ from server.rollout.core.gates import (
     ProfileStats,
     judge_profile,
 )
+from server.rollout.core.shadow import SHADOW_GATES, ShadowReport
+from server.rollout.core.shadow_phase import Candidate, shadow_phase
 from server.rollout.core.spec import RolloutSpec, StageSpec
 from server.rollout.core.states import (
     FINAL,
@@ -69,6 +71,7 @@ class RolloutFacts:
     spec: RolloutSpec
     status: RolloutStatus
     devices: Sequence[DeviceFacts]
+    shadow: Mapping[str, ShadowReport] = field(default_factory=dict)  # device -> its report
 
 
 class DecisionKind(str, enum.Enum):
@@ -76,6 +79,7 @@ class DecisionKind(str, enum.Enum):
     WAIT = "wait"  # running; maybe starting devices
     ADVANCE = "advance"
     AWAIT_APPROVAL = "await_approval"
+    SHADOW_PASSED = "shadow_passed"  # the stage's shadow phase passed; installs start next
     PAUSE = "pause"
     COMPLETE = "complete"
 
@@ -106,6 +110,7 @@ class Decision:
     progress: tuple[StageProgress, ...]
     waiting: tuple[str, ...]  # why the stage has not passed yet
     window_open: bool
+    shadow: tuple[str, ...] = ()  # devices that should shadow the candidate now
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -118,6 +123,7 @@ class Decision:
             "progress": [p.to_json() for p in self.progress],
             "waiting": list(self.waiting),
             "window_open": self.window_open,
+            "shadowing": len(self.shadow),
         }
 
 
@@ -140,7 +146,7 @@ class _Tally:
         ) = ([0] * n_stages for _ in range(7))
         self.profiles: dict[str, ProfileStats] = {}
         self.failed_ids: list[list[str]] = [[] for _ in range(n_stages)]
-        self.candidates: list[tuple[int, bool, int, str]] = []  # (stage, silent, rank, id)
+        self.candidates: list[Candidate] = []  # (stage, silent, rank, id, profile)
         self.last_start: datetime | None = None  # latest start in the current stage
         self.in_flight_all = 0
 
@@ -174,7 +180,7 @@ class _Tally:
             if started is None:
                 not_started[s] += 1
                 if s <= cur:
-                    candidates.append((s, seen is None or seen < cutoff, rank, device_id))
+                    candidates.append((s, seen is None or seen < cutoff, rank, device_id, profile))
                 continue
             if s == cur and (self.last_start is None or started > self.last_start):
                 self.last_start = started
@@ -274,7 +280,8 @@ def decide(facts: RolloutFacts, now: datetime, config: PolicyConfig = PolicyConf
         tally.count(facts, now)
     except TypeError as err:  # a naive datetime among aware ones
         raise FactsError(f"rollout {facts.rollout_id}: times must be timezone-aware") from err
-    results = tuple(_judge(spec.stages, tally, cur))
+    phase = shadow_phase(spec, status, tally.candidates, facts.shadow)
+    results = tuple(_judge(spec.stages, tally, cur)) + (phase.results if phase else ())
     tripped = tuple(r for r in results if r.tripped)
     window_open = spec.window is None or spec.window.is_open(now)
 
@@ -284,10 +291,13 @@ def decide(facts: RolloutFacts, now: datetime, config: PolicyConfig = PolicyConf
         reason: str,
         start: tuple[str, ...] = (),
         waiting: tuple[str, ...] = (),
+        *,
+        shadow: tuple[str, ...] = (),
     ) -> Decision:
         return Decision(
-            kind, new, start, reason, tripped, results, tally.progress(), waiting, window_open
-        )
+            kind, new, start, reason, tripped, results, tally.progress(), waiting, window_open,
+            shadow,
+        )  # fmt: skip
 
     where = f"stage {cur + 1}/{len(spec.stages)} ({stage.size})"
     if status.state in FINAL or status.state in (RolloutState.DRAFT, RolloutState.PAUSED):
@@ -295,11 +305,24 @@ def decide(facts: RolloutFacts, now: datetime, config: PolicyConfig = PolicyConf
     if tripped:
         reason = f"{where} paused: " + "; ".join(r.message(config.listed_devices) for r in tripped)
         held = sorted({device for r in tripped for device in r.devices})
-        new = apply_event(status, EngineEvent.GATE_TRIPPED, now, reason, held_devices=held)
+        by_shadow = any(r.name in SHADOW_GATES for r in tripped)
+        new = apply_event(
+            status, EngineEvent.GATE_TRIPPED, now, reason, held_devices=held, shadow=by_shadow
+        )
         return make(DecisionKind.PAUSE, new, reason)
     if status.state is RolloutState.AWAITING_APPROVAL:
         return make(DecisionKind.NONE, status, status.reason)
-    waiting = _waiting(stage, status, tally, results, now)
+    if phase is not None:
+        if not phase.pending:
+            reason = f"{where}: shadow passed ({phase.summary()}); installing"
+            return make(
+                DecisionKind.SHADOW_PASSED, replace(status, shadow_done=cur, reason=reason), reason
+            )
+        # The stage's own devices wait for the verdict; earlier stages' stragglers do not.
+        tally.candidates = [c for c in tally.candidates if c[0] < cur]
+        waiting = phase.pending
+    else:
+        waiting = _waiting(stage, status, tally, results, now)
     if not waiting:
         kind, new = _pass_stage(stage, status, tally, now, where)
         return make(kind, new, new.reason)
@@ -315,7 +338,9 @@ def decide(facts: RolloutFacts, now: datetime, config: PolicyConfig = PolicyConf
             waiting.append(f"download limit reached ({tally.in_flight_all} in flight)")
         else:
             start = tuple(c[3] for c in heapq.nsmallest(slots, tally.candidates))
-    return make(DecisionKind.WAIT, status, f"{where}: " + "; ".join(waiting), start, tuple(waiting))
+    shadowing = phase.devices if phase is not None else ()
+    reason = f"{where}: " + "; ".join(waiting)
+    return make(DecisionKind.WAIT, status, reason, start, tuple(waiting), shadow=shadowing)
 
 
 def _waiting(

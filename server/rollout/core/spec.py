@@ -22,6 +22,7 @@ from agent.protocol.topics import check_device_id
 from server.errors import InvalidInputError
 from server.rollout.core.cron import MaintenanceWindow, parse_window
 from server.rollout.core.gates import GateLimits
+from server.rollout.core.shadow import ShadowLimits
 from server.rollout.core.units import (
     HUNDRED,
     Amount,
@@ -257,9 +258,11 @@ class RolloutSpec:
     max_concurrent_downloads: int = 100
     window: MaintenanceWindow | None = None
     variants: tuple[tuple[str, str], ...] = field(default=())  # (profile, variant)
+    shadow: ShadowLimits | None = None  # each stage shadows the candidate before installing
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "shadow": None if self.shadow is None else self.shadow.to_json(),
             "release": str(self.release),
             "selector": self.selector.to_json(),
             "stages": [stage.to_json() for stage in self.stages],
@@ -303,6 +306,7 @@ class RolloutSpec:
                 limits.max_window,
             ),
             variants=_variants(data.get("variants") or {}),
+            shadow=None if data.get("shadow") is None else ShadowLimits.from_json(data["shadow"]),
         )
 
 
@@ -364,6 +368,10 @@ def build_spec(
     window_timezone: str = "UTC",
     approval: bool = False,
     variants: Mapping[str, str] | None = None,
+    shadow_every: int | None = None,
+    min_shadow_agreement: str = "95%",
+    shadow_min_frames: int = 30,
+    shadow_cpu_budget: str = "25%",
     limits: SpecLimits = DEFAULT_LIMITS,
 ) -> RolloutSpec:
     """The operator's options (CLI flags or REST fields), with every stage sharing them."""
@@ -400,6 +408,14 @@ def build_spec(
             if window_cron is None
             else {"cron": window_cron, "duration": window_duration, "timezone": window_timezone},
             "variants": dict(variants or {}),
+            "shadow": None
+            if shadow_every is None
+            else {
+                "every_n": shadow_every,
+                "min_agreement": min_shadow_agreement,
+                "min_class_frames": shadow_min_frames,
+                "cpu_budget": shadow_cpu_budget,
+            },
         },
         limits,
     )

@@ -132,6 +132,8 @@ class RolloutStatus:
     reason: str = ""
     held_devices: frozenset[str] = frozenset()
     acknowledged: frozenset[str] = frozenset()
+    shadow_done: int = -1  # the last stage whose shadow phase is over
+    shadow_tripped: bool = False  # paused by a shadow gate: a resume accepts the candidate
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -143,6 +145,8 @@ class RolloutStatus:
             "reason": self.reason,
             "held_devices": sorted(self.held_devices),
             "acknowledged": sorted(self.acknowledged),
+            "shadow_done": self.shadow_done,
+            "shadow_tripped": self.shadow_tripped,
         }
 
     @classmethod
@@ -161,6 +165,8 @@ class RolloutStatus:
                 reason=str(data.get("reason", "")),
                 held_devices=frozenset(str(d) for d in data.get("held_devices", ())),
                 acknowledged=frozenset(str(d) for d in data.get("acknowledged", ())),
+                shadow_done=int(data.get("shadow_done", -1)),
+                shadow_tripped=bool(data.get("shadow_tripped", False)),
             )
         except (KeyError, ValueError, TypeError) as err:
             raise InvalidInputError(f"rollout status is invalid: {err}") from err
@@ -184,12 +190,16 @@ def apply_action(
             reason=f"stage {status.stage_index + 1} approved by operator",
         )
     if action is A.RESUME:
+        # Resuming a shadow pause is the operator accepting the candidate for this stage.
+        accepted = status.shadow_tripped
         return replace(
             status,
             state=new,
-            reason="resumed by operator",
+            reason="resumed by operator" + ("; shadow result accepted" if accepted else ""),
             held_devices=frozenset(),
             acknowledged=status.acknowledged | status.held_devices,
+            shadow_done=status.stage_index if accepted else status.shadow_done,
+            shadow_tripped=False,
         )
     return replace(status, state=new, reason=f"{new.value} by operator", held_devices=frozenset())
 
@@ -202,6 +212,7 @@ def apply_event(
     *,
     next_stage: int | None = None,
     held_devices: Iterable[str] = (),
+    shadow: bool = False,
 ) -> RolloutStatus:
     """An engine event applied to the stored status (or a TransitionError)."""
     new = next_state(status.state, event)
@@ -211,7 +222,13 @@ def apply_event(
         return replace(
             status, state=new, stage_index=next_stage, stage_started_at=now, reason=reason
         )
-    return replace(status, state=new, reason=reason, held_devices=frozenset(held_devices))
+    return replace(
+        status,
+        state=new,
+        reason=reason,
+        held_devices=frozenset(held_devices),
+        shadow_tripped=shadow and event is E.GATE_TRIPPED,
+    )
 
 
 _NO_TAGS: Mapping[str, str] = MappingProxyType({})

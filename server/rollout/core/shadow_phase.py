@@ -1,0 +1,70 @@
+"""A stage's shadow phase, as the policy sees it: who shadows, and what the gates say.
+
+Pure: no IO. With ``spec.shadow`` set, every stage starts in a shadow phase:
+its devices are told to run the candidate beside their current model, and
+none is told to install. The phase ends when every profile's shadow gates
+have their sample and pass (the policy then records ``shadow_done`` and starts
+installing), or when a gate trips (the rollout pauses; a resume accepts the
+candidate for that stage). Devices of earlier stages still waiting to start
+are not held back by it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from server.rollout.core.gates import GateResult
+from server.rollout.core.shadow import (
+    SHADOW_AGREEMENT,
+    ShadowReport,
+    devices_by_profile,
+    judge_shadow,
+)
+from server.rollout.core.spec import RolloutSpec
+from server.rollout.core.states import RolloutStatus
+
+
+@dataclass(frozen=True)
+class ShadowPhase:
+    devices: tuple[str, ...]  # to shadow now, in cohort order
+    results: tuple[GateResult, ...]
+
+    @property
+    def pending(self) -> list[str]:
+        return [r.message() for r in self.results if r.waiting]
+
+    def summary(self) -> str:
+        return "; ".join(r.message() for r in self.results if r.name == SHADOW_AGREEMENT)
+
+
+# (stage, silent, rank, device id, profile): the policy's not-started devices.
+Candidate = tuple[int, bool, int, str, str]
+
+
+def shadow_phase(
+    spec: RolloutSpec,
+    status: RolloutStatus,
+    candidates: Sequence[Candidate],
+    reports: Mapping[str, ShadowReport],
+) -> ShadowPhase | None:
+    """The current stage's shadow phase, or None when it has none (or it is over)."""
+    cur = status.stage_index
+    limits = spec.shadow
+    if limits is None or status.shadow_done >= cur:
+        return None
+    stage = sorted(c for c in candidates if c[0] == cur)
+    if not stage:
+        return None  # an empty stage (or every device acknowledged) has nothing to shadow
+    grouped = devices_by_profile([(c[3], c[4]) for c in stage], reports)
+    reachable: dict[str, int] = {}
+    for c in stage:
+        if not c[1]:
+            reachable[c[4]] = reachable.get(c[4], 0) + 1
+    min_sample = spec.stages[cur].gates.min_sample
+    results: list[GateResult] = []
+    for profile in sorted(grouped):
+        results.extend(
+            judge_shadow(profile, grouped[profile], reachable.get(profile, 0), limits, min_sample)
+        )
+    return ShadowPhase(tuple(c[3] for c in stage), tuple(results))
