@@ -108,14 +108,19 @@ class Fleet:
         assert resp.status_code == expect, resp.text
         return resp.json()
 
-    def checkin(self, dev: SimDevice, url: str | None = None) -> dict[str, Any] | None:
-        """Check in (reporting the release the device runs); the desired target."""
+    def checkin_reply(self, dev: SimDevice, url: str | None = None) -> dict[str, Any]:
+        """Check in (reporting the release the device runs); the whole answer."""
         model = None
         if dev.installed is not None:
             model = InstalledModel("digits", dev.installed, "int8-cpu", self.sha[dev.installed],
                                    "a")
-        out = self._device(dev, "checkin", checkin_body("idle", model, "0.1.0"), url, 200)
-        desired: dict[str, Any] | None = out["desired"]
+        out: dict[str, Any] = self._device(dev, "checkin", checkin_body("idle", model, "0.1.0"),
+                                           url, 200)
+        return out
+
+    def checkin(self, dev: SimDevice, url: str | None = None) -> dict[str, Any] | None:
+        """Check in; the desired target."""
+        desired: dict[str, Any] | None = self.checkin_reply(dev, url)["desired"]
         return desired
 
     def desired_release(self, dev: SimDevice, url: str | None = None) -> int | None:
@@ -193,6 +198,21 @@ class Telemetry:
             "ts": time.time() if ts is None else ts,
         }
         info = self._client(dev).publish(topics.topic(dev.device_id, "telemetry"),
+                                         json.dumps(payload), qos=1)
+        info.wait_for_publish(TIMEOUT_S)
+
+    def results(self, dev: SimDevice, release: int, shadow: dict[str, Any] | None = None,
+                counts: dict[str, int] | None = None) -> None:
+        """A ``results`` window (class counts), with a shadow block when given."""
+        counts = counts or {"0": 10}
+        hist = [0] * 10
+        hist[-1] = sum(counts.values())
+        payload: dict[str, Any] = {"model": "digits", "release": release, "slot": "a",
+                                   "class_counts": counts, "confidence_hist": hist,
+                                   "last_top_k": []}
+        if shadow is not None:
+            payload["shadow"] = shadow
+        info = self._client(dev).publish(topics.topic(dev.device_id, "results"),
                                          json.dumps(payload), qos=1)
         info.wait_for_publish(TIMEOUT_S)
 

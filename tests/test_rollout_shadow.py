@@ -64,7 +64,8 @@ def test_shadow_phase_holds_installs_and_names_the_devices_to_shadow() -> None:
     assert d.kind is K.WAIT
     assert d.start == ()
     assert sorted(d.shadow) == [f"rpi4-{i:03d}" for i in range(4)]
-    assert any("shadow_agreement on profile rpi4: waiting for shadow results from 3 more" in w for w in d.waiting)
+    expected = "shadow_agreement on profile rpi4: waiting for shadow results from 3 more"
+    assert any(expected in w for w in d.waiting)
 
 
 def test_agreeing_candidate_passes_the_phase_then_installs_start() -> None:

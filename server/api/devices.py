@@ -101,7 +101,7 @@ def checkin(device_id: DeviceId, body: CheckinIn, request: Request) -> JSONRespo
         InstalledModel(**body.installed.model_dump()) if body.installed is not None else None
     )
     with st.db.engine.begin() as conn:
-        desired = hot_path.checkin(
+        answer = hot_path.checkin(
             conn,
             device_id,
             token_hash,
@@ -113,8 +113,9 @@ def checkin(device_id: DeviceId, body: CheckinIn, request: Request) -> JSONRespo
     # check-in costs more than the database work.
     return JSONResponse(
         {
-            "desired": desired.to_json() if desired is not None else None,
+            "desired": answer.desired.to_json() if answer.desired is not None else None,
             "poll_interval_s": float(st.config.poll_interval_s),
+            "shadow": answer.shadow,
         }
     )
 

@@ -21,7 +21,14 @@ from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
 from server.api.schemas import ErrorOut, _OperatorInput
 from server.rollout.core.spec import RolloutSpec, build_spec
 from server.rollout.core.states import Action, RolloutState
-from server.rollout.service import ServiceConfig, create_rollout, get_rollout, perform, views
+from server.rollout.service import (
+    ServiceConfig,
+    create_rollout,
+    get_rollout,
+    perform,
+    shadow_store,
+    views,
+)
 from server.rollout.service import history as load_history
 
 log = logging.getLogger(__name__)
@@ -65,6 +72,12 @@ class RolloutIn(_OperatorInput):
     window_timezone: Text = "UTC"
     approval: bool = False
     variants: Annotated[dict[Item, Item], Field(max_length=64)] = Field(default_factory=dict)
+    shadow_every: Annotated[int, Field(ge=1, le=10_000)] | None = Field(
+        default=None, description="shadow the candidate on 1 frame in N before each stage installs"
+    )
+    min_shadow_agreement: Text = "95%"
+    shadow_min_frames: Annotated[int, Field(ge=1, le=1_000_000)] = 30
+    shadow_cpu_budget: Text = "25%"
     spec: dict[str, Any] | None = Field(
         default=None, description="a whole spec in stored form (per-stage settings)"
     )
@@ -153,6 +166,17 @@ def show_devices(
             limit=limit,
             offset=offset,
         )
+
+
+@router.get("/rollouts/{rollout_id}/shadow")
+def show_shadow(rollout_id: RolloutId, st: State) -> dict[str, Any]:
+    """Shadow agreement per profile: overall, per class (with the candidate's most
+    frequent other answer), the candidate's latency and energy against the serving model."""
+    with st.db.session() as s:
+        row = get_rollout(s, rollout_id)
+        data = shadow_store.report(s, rollout_id)
+        data["settings"] = row.spec.get("shadow")
+        return data
 
 
 @router.post("/rollouts/{rollout_id}/{action}")

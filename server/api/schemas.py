@@ -115,9 +115,22 @@ class DesiredOut(BaseModel):
     variant: str
 
 
+class ShadowOut(BaseModel):
+    """A candidate to run beside the serving model on 1 frame in ``every_n``."""
+
+    rollout_id: str
+    target_path: str
+    name: str
+    release: int
+    variant: str
+    every_n: int
+    cpu_budget: float  # share of one core's time
+
+
 class CheckinOut(BaseModel):
     desired: DesiredOut | None
     poll_interval_s: float
+    shadow: ShadowOut | None = None
 
 
 class EventIn(_DeviceInput):

@@ -93,6 +93,13 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         "variants": _variants(args.variant),
         "start": args.start,
     }
+    if args.shadow_every is not None:
+        body.update(
+            shadow_every=args.shadow_every,
+            min_shadow_agreement=args.min_shadow_agreement,
+            shadow_min_frames=args.shadow_min_frames,
+            shadow_cpu_budget=args.shadow_cpu_budget,
+        )
     if args.window_cron is not None or args.window_duration is not None:
         body.update(
             window_cron=args.window_cron,
@@ -110,6 +117,8 @@ def _number(value: float | None, unit: str) -> str:
 
 def _gate_row(g: dict[str, Any]) -> dict[str, Any]:
     where = g.get("profile") or (f"stage {g['stage'] + 1}" if g.get("stage") is not None else "")
+    if g.get("subject"):
+        where = f"{where} {g['subject']}".strip()
     waiting = g.get("value") is None
     verdict = "TRIPPED" if g.get("tripped") else ("waiting" if waiting else "ok")
     return {
@@ -131,6 +140,11 @@ def status_text(r: dict[str, Any]) -> str:
     ]
     if r.get("paused_reason"):
         lines.append(f"paused: {r['paused_reason']}")
+    if r.get("shadow_phase"):
+        lines.append(
+            f"shadow phase: {r.get('shadowing', 0)} devices run the candidate beside their model;"
+            " none installs until the shadow gates pass (see 'rollout shadow')"
+        )
     lines += ["", table(r.get("stage_list", []), _STAGE_COLUMNS)]
     gates = r.get("gates") or []
     if gates:
@@ -200,6 +214,58 @@ def _devices(args: argparse.Namespace) -> None:
     emit(args, rows, lambda: table(shown, _DEVICE_COLUMNS))
 
 
+_SHADOW_COLUMNS = (
+    ("CLASS", "class"),
+    ("FRAMES", "frames"),
+    ("AGREED", "agreed"),
+    ("AGREEMENT", "shown"),
+    ("CANDIDATE SAID INSTEAD", "instead"),
+)
+
+
+def shadow_text(r: dict[str, Any]) -> str:
+    """The human form of ``GET /api/v1/rollouts/{id}/shadow``."""
+    settings = r.get("settings") or {}
+    lines = [
+        f"rollout {r['rollout_id']}: {r['shadowing_now']} devices shadowing now"
+        + (
+            f" (1 frame in {settings['every_n']}, minimum agreement {settings['min_agreement']},"
+            f" classes judged from {settings['min_class_frames']} frames)"
+            if settings
+            else " (this rollout has no shadow phase)"
+        )
+    ]
+    for profile, p in (r.get("profiles") or {}).items():
+        agreement = p.get("agreement")
+        shown = "-" if agreement is None else f"{100 * agreement:.1f}%"
+        lines += [
+            "",
+            f"profile {profile}: {shown} agreement, {p['agreed']} of {p['shadowed']} frames on "
+            f"{p['devices']} devices; {p['skipped']} due frames skipped by the CPU budget",
+            f"  candidate p95 {_number(p.get('candidate_p95_ms'), 'ms')} ms, serving "
+            f"{_number(p.get('serving_p95_ms'), 'ms')} ms; candidate energy "
+            f"{_number(p.get('candidate_mj'), 'mJ')} mJ per inference (estimated)",
+        ]
+        rows = [
+            {
+                **c,
+                "shown": f"{100 * c['agreement']:.1f}%",
+                "instead": "-"
+                if not c.get("confused_with")
+                else f"{c['confused_with']} ({c['confused_count']})",
+            }
+            for c in p.get("classes", [])
+        ]
+        lines.append(table(rows, _SHADOW_COLUMNS))
+        lines += [f"  error on {e['device']}: {e['error']}" for e in p.get("errors", [])]
+    return "\n".join(lines)
+
+
+def _shadow(args: argparse.Namespace) -> None:
+    out = api_from(args).get(f"/api/v1/rollouts/{args.id}/shadow")
+    emit(args, out, lambda: shadow_text(out))
+
+
 def _action(name: str) -> Any:
     def run(args: argparse.Namespace) -> None:
         out = api_from(args).post(f"/api/v1/rollouts/{args.id}/{name}", {})
@@ -245,6 +311,21 @@ def _add_create(rollout: Any) -> None:
     p.add_argument("--approval", action="store_true", help="wait for approval between stages")
     p.add_argument("--variant", action="append", default=[], metavar="PROFILE=VARIANT")
     p.add_argument("--start", action="store_true", help="start it right away")
+    p.add_argument(
+        "--shadow-every",
+        type=int,
+        metavar="N",
+        help="before each stage installs, its devices run the candidate on 1 frame in N",
+    )
+    p.add_argument(
+        "--min-shadow-agreement", default="95%", help="shadow gate, overall and per class"
+    )
+    p.add_argument(
+        "--shadow-min-frames", type=int, default=30, help="frames before a class is judged"
+    )
+    p.add_argument(
+        "--shadow-cpu-budget", default="25%", help="share of one core the candidate may use"
+    )
 
 
 def add_commands(subparsers: Any) -> None:
@@ -255,6 +336,8 @@ def add_commands(subparsers: Any) -> None:
     p = command_parser(rollout, "status", "stages, gates against limits, why it waits", _status)
     p.add_argument("id")
     p = command_parser(rollout, "history", "every state and stage change", _history)
+    p.add_argument("id")
+    p = command_parser(rollout, "shadow", "shadow agreement per profile and class", _shadow)
     p.add_argument("id")
     p = command_parser(rollout, "devices", "the rollout's devices and measurements", _devices)
     p.add_argument("id")

@@ -8,6 +8,10 @@ check-in, then one ``SELECT`` that finds the assignment and the published
 variants of its release together. Only a failed check-in pays a third query, to
 tell an unknown token (401) from another device's token (403).
 
+A third statement reads the device's shadow assignment by primary key (a
+candidate to run beside its model during a rollout's shadow phase), with the
+variants that release publishes, so the device gets the variant it would install.
+
 Callers pass the token's digest (``store.hash_secret``), not the token: only
 digests are stored, and a lookup by digest reveals nothing about the secret.
 ``store.resolve_desired`` (the operator's view) uses the same resolution, so a
@@ -38,7 +42,7 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.api import DesiredTarget, InstalledModel
 from agent.protocol.manifest import model_target_path
-from server.db.tables import Assignment, Base, Device, Event, Model, utcnow
+from server.db.tables import Assignment, Base, Device, Event, Model, ShadowAssignment, utcnow
 from server.errors import AuthError, ForbiddenError
 from server.telemetry.bandwidth import record_download
 
@@ -54,6 +58,7 @@ DEVICES = _table(Device)
 ASSIGNMENTS = _table(Assignment)
 MODELS = _table(Model)
 EVENTS = _table(Event)
+SHADOWS = _table(ShadowAssignment)
 
 _CHECKIN_COLUMNS = (
     "state",
@@ -117,6 +122,21 @@ _BY_DEVICE_OR_TAG = union_all(
     ),
 )
 _ADD_EVENT = insert(EVENTS)
+_SHADOW = (
+    select(SHADOWS, MODELS.c.variant)
+    .select_from(
+        SHADOWS.outerjoin(
+            MODELS, and_(MODELS.c.name == SHADOWS.c.name, MODELS.c.release == SHADOWS.c.release)
+        )
+    )
+    .where(SHADOWS.c.device_id == bindparam("device"))
+)
+
+
+@dataclass(frozen=True)
+class CheckinAnswer:
+    desired: DesiredTarget | None
+    shadow: dict[str, Any] | None  # the wire form of ``agent.protocol.api.ShadowTarget``
 
 
 def _refusal(conn: Connection, device_id: str, token_hash: str) -> AuthError | ForbiddenError:
@@ -146,8 +166,8 @@ def checkin(
     state: str,
     installed: InstalledModel | None,
     agent_version: str,
-) -> DesiredTarget | None:
-    """Authenticate, record the check-in and resolve the desired target (two statements)."""
+) -> CheckinAnswer:
+    """Authenticate, record the check-in, resolve the desired target and the shadow."""
     values = {
         "state": state,
         "agent_version": agent_version,
@@ -163,7 +183,37 @@ def checkin(
     if row is None:
         raise _refusal(conn, device_id, token_hash)
     tags, preference = row
-    return resolve(conn, device_id, tags, preference)
+    desired = resolve(conn, device_id, tags, preference)
+    return CheckinAnswer(desired, shadow_of(conn, device_id, preference, installed))
+
+
+def shadow_of(
+    conn: Connection,
+    device_id: str,
+    preference: Sequence[str],
+    installed: InstalledModel | None = None,
+) -> dict[str, Any] | None:
+    """The candidate this device should shadow, in the variant it prefers; None when
+    there is none, no variant fits, or it already runs that release."""
+    rows = conn.execute(_SHADOW, {"device": device_id}).all()
+    if not rows:
+        return None
+    first = rows[0]
+    if installed is not None and (installed.name, installed.release) == (first.name, first.release):
+        return None
+    published = {r.variant for r in rows if r.variant}
+    variant = next((v for v in preference if v in published), None)
+    if variant is None:
+        return None
+    return {
+        "rollout_id": first.rollout_id,
+        "target_path": model_target_path(first.name, first.release, variant),
+        "name": first.name,
+        "release": first.release,
+        "variant": variant,
+        "every_n": first.every_n,
+        "cpu_budget": first.cpu_budget,
+    }
 
 
 def resolve(

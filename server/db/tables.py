@@ -129,6 +129,23 @@ class Assignment(Base):
     rollout_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
+class ShadowAssignment(Base):
+    """A candidate a device should run in shadow beside its model (one per device).
+
+    Written and removed by the rollout engine during a stage's shadow phase; the
+    check-in reads it by primary key."""
+
+    __tablename__ = "shadow_assignments"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rollout_id: Mapped[str] = mapped_column(String(32), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    release: Mapped[int]
+    every_n: Mapped[int]
+    cpu_budget: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime]
+
+
 class Event(Base):
     __tablename__ = "events"
     __table_args__ = (Index("ix_events_device_time", "device_id", "time"),)

@@ -174,21 +174,34 @@ class ShadowReport:
     candidate_mj: float | None = None
     error: str | None = None
 
-    def add(self, w: ShadowWindow) -> ShadowReport:
+    @classmethod
+    def of(cls, w: ShadowWindow) -> ShadowReport:
+        return cls(
+            w.shadowed, w.skipped, w.agreed, dict(w.pairs), w.labels,
+            w.candidate_p95_ms, w.serving_p95_ms, w.candidate_mj, w.error,
+        )  # fmt: skip
+
+    def merge(self, later: ShadowReport) -> ShadowReport:
+        """Counts add up; latency, energy and labels are the later report's when it has them."""
         pairs = dict(self.pairs)
-        for key, n in w.pairs.items():
+        for key, n in later.pairs.items():
             pairs[key] = pairs.get(key, 0) + n
         return ShadowReport(
-            shadowed=self.shadowed + w.shadowed,
-            skipped=self.skipped + w.skipped,
-            agreed=self.agreed + w.agreed,
+            shadowed=self.shadowed + later.shadowed,
+            skipped=self.skipped + later.skipped,
+            agreed=self.agreed + later.agreed,
             pairs=pairs,
-            labels=w.labels or self.labels,
-            candidate_p95_ms=w.candidate_p95_ms or self.candidate_p95_ms,
-            serving_p95_ms=w.serving_p95_ms or self.serving_p95_ms,
-            candidate_mj=w.candidate_mj if w.candidate_mj is not None else self.candidate_mj,
-            error=w.error or self.error,
+            labels=later.labels or self.labels,
+            candidate_p95_ms=later.candidate_p95_ms or self.candidate_p95_ms,
+            serving_p95_ms=later.serving_p95_ms or self.serving_p95_ms,
+            candidate_mj=later.candidate_mj
+            if later.candidate_mj is not None
+            else self.candidate_mj,
+            error=later.error or self.error,
         )
+
+    def add(self, w: ShadowWindow) -> ShadowReport:
+        return self.merge(ShadowReport.of(w))
 
 
 @dataclass(frozen=True)

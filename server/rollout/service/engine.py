@@ -25,8 +25,8 @@ from server.db.tables import Assignment, Database, Device, utcnow
 from server.errors import ServerError
 from server.rollout.core.policy import Decision, DecisionKind, RolloutFacts, decide
 from server.rollout.core.spec import RolloutSpec
-from server.rollout.core.states import EngineEvent, InstallStatus
-from server.rollout.service import measurements
+from server.rollout.core.states import EngineEvent, InstallStatus, RolloutState
+from server.rollout.service import measurements, shadow_store
 from server.rollout.service.facts import collect, note_started
 from server.rollout.service.records import (
     TICKED,
@@ -180,10 +180,17 @@ def tick(
         spec = spec_of(row)
         snap = CACHE.take(db.url, rollout_id, row.version)
         facts, snap = collect(s, row, spec, cfg, wall, snap=snap)
-        decision = decide(RolloutFacts(row.id, spec, status, facts), now, cfg.policy)
+        shadows = (
+            shadow_store.load(s, row.id)
+            if spec.shadow is not None and status.shadow_done < status.stage_index
+            else {}
+        )
+        decision = decide(RolloutFacts(row.id, spec, status, facts, shadows), now, cfg.policy)
         ids = decision.start[: cfg.max_starts_per_tick]  # the rest: next tick
         rows = start_devices(s, row, spec=spec, ids=ids, now=now, cfg=cfg) if ids else []
         note_started(snap, rows, now)
+        if spec.shadow is not None and decision.status.state is RolloutState.RUNNING:
+            shadow_store.sync_assignments(s, row.id, spec, decision.shadow, now)
         started = [str(r["device_id"]) for r in rows]
         changed = decision.status != status
         if changed:

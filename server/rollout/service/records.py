@@ -26,6 +26,7 @@ from server.db.tables import Database
 from server.errors import NotFoundError
 from server.rollout.core.spec import RolloutSpec
 from server.rollout.core.states import RolloutState, RolloutStatus
+from server.rollout.service import shadow_store
 from server.rollout.service.settings import ServiceConfig
 from server.rollout.service.tables import Rollout, RolloutDevice, RolloutHistory
 
@@ -144,6 +145,8 @@ def set_status(
             process=PROCESS,
         )
     )
+    if new.state is not RolloutState.RUNNING:
+        shadow_store.clear(s, row.id)  # a paused or stopped rollout shadows nowhere
     s.flush()
 
 

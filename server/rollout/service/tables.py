@@ -8,6 +8,8 @@
   install, the release it ran before (for revert) and its pre-update baseline.
 - ``rollout_history``: every state or stage change, who made it (operator or
   engine, and which server process), so double transitions are visible.
+- ``shadow_results``: per device, the sum of its shadow windows for the rollout
+  (the confusion pairs as ``"serving,candidate": count``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from server.db.tables import Base
@@ -91,3 +93,25 @@ class RolloutHistory(Base):
     devices: Mapped[int] = mapped_column(default=0)  # devices told something by this change
     reason: Mapped[str] = mapped_column(Text, default="")
     process: Mapped[str] = mapped_column(String(128), default="")  # host:pid of the server
+
+
+class ShadowResult(Base):
+    __tablename__ = "shadow_results"
+
+    rollout_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    windows: Mapped[int] = mapped_column(default=0)
+    shadowed: Mapped[int] = mapped_column(BigInteger, default=0)
+    skipped: Mapped[int] = mapped_column(BigInteger, default=0)
+    agreed: Mapped[int] = mapped_column(BigInteger, default=0)
+    pairs: Mapped[dict[str, Any]]
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    candidate_p95_ms: Mapped[float | None] = mapped_column(Float)
+    serving_p95_ms: Mapped[float | None] = mapped_column(Float)
+    candidate_mj: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime]

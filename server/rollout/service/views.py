@@ -99,12 +99,16 @@ def detail(s: Session, row: Rollout) -> dict[str, Any]:
         )
     gates = [{**g, "text": gate_text(g)} for g in decision.get("gates", [])]
     paused = row.state == RolloutState.PAUSED.value
+    in_shadow = spec.shadow is not None and status.shadow_done < status.stage_index
     return {
         **summary(row),
         "spec": spec.to_json(),
         "stage_started_at": _time(status.stage_started_at),
         "paused_reason": status.reason if paused else None,
         "held_devices": sorted(status.held_devices),
+        # The current stage is shadowing the candidate (no device installs yet).
+        "shadow_phase": in_shadow and row.state != RolloutState.COMPLETED.value,
+        "shadowing": decision.get("shadowing", 0),
         "acknowledged_devices": len(status.acknowledged),
         "stage_list": stages,
         "gates": gates,
