@@ -20,6 +20,9 @@ inferences it is divided by.
 Frames are turned into input tensors by the release's signed input contract;
 a release published before contracts existed gets the old behaviour
 (bilinear to the model size, values in ``legacy_range``) and one warning.
+
+A rollout's shadow candidate (``set_shadow``, ``agent.inference.shadow``) sees the
+serving model's frames after their results; a serving model swap ends it.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.common.errors import AgentError, ConfigError, FrameSourceError
+from agent.common.errors import AgentError, ConfigError, FrameSourceError, ModelError
+from agent.protocol.api import ShadowTarget
 from agent.protocol.input_contract import InputContract
+from agent.telemetry.histogram import LatencyHistogram
 from agent.telemetry.sampler import PowerWindow
 from agent.telemetry.window import TelemetryWindow, camera_fields
 from agent.update.smoke import RuntimeChoice
@@ -46,6 +51,7 @@ if TYPE_CHECKING:  # numpy and the runtime load with the first model, not at sta
     from agent.inference.classifier import InferenceEngine, Result
     from agent.inference.preprocess import Preprocessor
     from agent.inference.runtime import Model
+    from agent.inference.shadow import ShadowRunner
     from agent.inference.sources import FrameSource, SourceStats
 
 log = logging.getLogger(__name__)
@@ -126,6 +132,7 @@ class InferenceWorker:
         self._gen_error: str | None = None
         self._waiters = 0  # threads in wait_healthy; the hot path notifies only if > 0
         self._last_result: Result | None = None  # its top_k is ranked once per window
+        self._shadow: ShadowRunner | None = None  # a rollout's candidate, on some frames
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.window = TelemetryWindow(warmup=warmup)
@@ -162,9 +169,9 @@ class InferenceWorker:
                 raise
             new = _Active(engine, manifest, model_path.parent.name, self._generation + 1)
         with self._lock:
-            old = self._active
+            old, shadow = self._active, self._shadow
             self._generation += 1
-            self._active = new
+            self._active, self._shadow = new, None  # a candidate is judged against one model
             self._gen_ok, self._gen_error = 0, None
             self._last_result = None
             self.window.restart(manifest)
@@ -173,6 +180,37 @@ class InferenceWorker:
             self._lock.notify_all()
         if old is not None:
             old.engine.model.close()
+        if shadow is not None:
+            shadow.close()
+
+    def set_shadow(self, model_path: Path, manifest: dict[str, Any], target: ShadowTarget) -> None:
+        """Run ``target`` beside the serving model, in place of any candidate before it.
+
+        Loaded outside the lock, like ``swap``. A candidate that does not load or has
+        another class count raises ModelError; the next window's shadow block says so too.
+        """
+        from agent.inference.shadow import load_candidate, new_runner  # noqa: PLC0415
+
+        engine, error = load_candidate(self.choice.load, self._preprocessor, model_path, manifest)
+        with self._lock:
+            labels = self._active.engine.labels if self._active is not None else None
+            runner = new_runner(target, engine, error, labels, LatencyHistogram)
+            old, self._shadow = self._shadow, runner
+        if old is not None:
+            old.close()
+        if runner.error is not None:
+            raise ModelError(runner.error)
+
+    def clear_shadow(self) -> None:
+        """Stop shadowing; this window's partial shadow counts are dropped."""
+        with self._lock:
+            old, self._shadow = self._shadow, None
+        if old is not None:
+            old.close()
+
+    @property
+    def generation(self) -> int:  # counts model swaps: each is a new baseline for a candidate
+        return self._generation
 
     def _preprocessor(self, model: Model, manifest: dict[str, Any]) -> Preprocessor:
         from agent.inference.preprocess import preprocessor_for  # noqa: PLC0415
@@ -305,12 +343,15 @@ class InferenceWorker:
         if self._waiters:
             self._lock.notify_all()
         self._last_result = result
+        shadow = self._shadow
+        if shadow is not None:
+            shadow.observe(frame, result.class_index, result.invoke_ns)
         return True
 
-    def _results(self, active: _Active) -> dict[str, Any]:
+    def _results(self, active: _Active, power_mw: float | None) -> dict[str, Any]:
         """Class counts for one window: one results message per window, whatever the fps."""
         top_k = self._last_result.top_k if self._last_result is not None else ()
-        return {
+        results: dict[str, Any] = {
             "release": active.manifest.get("release"),
             "model": active.manifest.get("name"),
             "slot": active.slot,
@@ -318,6 +359,11 @@ class InferenceWorker:
             "confidence_hist": active.engine.confidence_histogram(),
             "last_top_k": [[label, round(score, 4)] for label, score in top_k],
         }
+        if self._shadow is not None:
+            results["shadow"] = self._shadow.window_block(power_mw, self.idle_mw)
+            if self._shadow.stopped:  # its error is out: no more shadowing until a new target
+                self._shadow = None
+        return results
 
     def _camera_window(self, payload: dict[str, Any]) -> dict[str, Any] | None:
         """The source's counters over this window (camera fps, drops, errors, reconnects)."""
@@ -340,7 +386,7 @@ class InferenceWorker:
             payload = self.window.snapshot(slot, power, self.idle_mw)
             results = None
             if self._active is not None and self._active.engine.inference_count:
-                results = self._results(self._active)
+                results = self._results(self._active, power.mean_mw if power else None)
                 self._active.engine.reset_counts()
         if results is not None:
             self.publish("results", results)

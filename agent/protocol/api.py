@@ -103,18 +103,71 @@ class DesiredTarget:
         return asdict(self)
 
 
+MAX_SHADOW_EVERY_N = 10_000
+
+
+@dataclass(frozen=True)
+class ShadowTarget:
+    """A rollout's candidate to run beside the serving model on 1 frame in ``every_n``.
+
+    ``cpu_budget`` is the share of one core's wall time the candidate may use.
+    The target is named like a ``DesiredTarget``: TUF, not the director, says
+    what the file is.
+    """
+
+    rollout_id: str
+    target_path: str
+    name: str
+    release: int
+    variant: str
+    every_n: int
+    cpu_budget: float
+
+    @classmethod
+    def from_json(cls, data: Any) -> ShadowTarget:
+        every_n = _field(data, "every_n", int)
+        budget = _field(data, "cpu_budget", (int, float))  # type: ignore[arg-type]
+        release = _field(data, "release", int)
+        if any(isinstance(data[k], bool) for k in ("every_n", "cpu_budget", "release")):
+            raise ProtocolError("shadow every_n, cpu_budget and release must be numbers")
+        if not 1 <= every_n <= MAX_SHADOW_EVERY_N:
+            raise ProtocolError(f"shadow every_n {every_n} is not in 1..{MAX_SHADOW_EVERY_N}")
+        if not 0.0 < float(budget) <= 1.0:  # also refuses NaN
+            raise ProtocolError(f"shadow cpu_budget {budget} is not in (0, 1]")
+        return cls(
+            rollout_id=_field(data, "rollout_id", str),
+            target_path=_field(data, "target_path", str),
+            name=_field(data, "name", str),
+            release=release,
+            variant=_field(data, "variant", str),
+            every_n=every_n,
+            cpu_budget=float(budget),
+        )
+
+    @property
+    def desired(self) -> DesiredTarget:
+        """The same target in the shape the TUF fetcher checks a manifest against."""
+        return DesiredTarget(self.target_path, self.name, self.release, self.variant)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class CheckinResponse:
     desired: DesiredTarget | None
     poll_interval_s: float
+    shadow: ShadowTarget | None = None  # absent in replies from servers before shadowing
 
     @classmethod
     def from_json(cls, data: Any) -> CheckinResponse:
         raw = data.get("desired") if isinstance(data, dict) else None
         interval = _field(data, "poll_interval_s", (int, float))  # type: ignore[arg-type]
+        shadow = data.get("shadow")
         return cls(
             desired=DesiredTarget.from_json(raw) if raw is not None else None,
             poll_interval_s=float(interval),
+            shadow=ShadowTarget.from_json(shadow) if shadow is not None else None,
         )
 
 
