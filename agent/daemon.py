@@ -21,17 +21,19 @@ from agent.config import AgentConfig
 from agent.identity import Identity, load_identity, pinned_root
 from agent.profiles.detect import detect_profile
 from agent.profiles.schema import Profile, default_profiles_dir, load_profiles
+from agent.protocol.api import ShadowTarget
 from agent.protocol.manifest import ModelManifest
 from agent.telemetry.sensors import idle_mw, make_sampler
 from agent.transport.device_api import DeviceClient
 from agent.transport.event_queue import EventQueue, flush
 from agent.transport.mqtt import MqttSettings, Publisher
 from agent.transport.outbox import Outbox, OutboxConfig
-from agent.update.download import DownloadLimits
+from agent.update.download import DownloadError, DownloadLimits
 from agent.update.fetch import FetchLimits, TufFetcher
+from agent.update.shadow_fetch import ShadowFetcher
 from agent.update.slots import SlotStore
 from agent.update.smoke import RuntimeChoice, golden_set_problem, score_golden_set, smoke_test
-from agent.update.trust import TrustClient
+from agent.update.trust import TrustClient, TrustUnavailableError
 from agent.update.updater import Updater
 from agent.worker import InferenceWorker
 
@@ -133,10 +135,15 @@ class Agent:
                 timeout_s=up.download_timeout_s,
             ),
         )
+        fetcher = TufFetcher(trust, server, limits, current=self._current_model)
+        self.shadow_fetcher = ShadowFetcher(fetcher, cfg.state_dir / "shadow")
+        # The candidate last tried and the serving model's generation then: tried once
+        # per pair, so a failed candidate is not fetched again at every check-in.
+        self._shadow_key: tuple[ShadowTarget, int] | None = None
         self.updater = Updater(
             cfg.state_dir,
             self.slots,
-            TufFetcher(trust, server, limits, current=self._current_model),
+            fetcher,
             smoke_test=self._smoke_test,
             activate=self.worker.swap,
             health_check=lambda: self.worker.wait_healthy(up.health_inferences, timeout_s=60.0),
@@ -247,15 +254,50 @@ class Agent:
             return False
         self.status.checkins += 1
         self.poll_interval_s = max(1.0, reply.poll_interval_s)
-        if not self.updater.wants(reply.desired):
-            return False
-        assert reply.desired is not None
-        committed = self.updater.update(reply.desired)
-        if committed:
-            self.status.updates_committed += 1
-        else:
-            self.status.last_error = self.updater.record.reason
+        committed = False
+        if self.updater.wants(reply.desired):
+            assert reply.desired is not None
+            committed = self.updater.update(reply.desired)
+            if committed:
+                self.status.updates_committed += 1
+            else:
+                self.status.last_error = self.updater.record.reason
+        self._reconcile_shadow(reply.shadow)
         return committed
+
+    def _reconcile_shadow(self, target: ShadowTarget | None) -> None:
+        """Start, replace or stop the rollout's shadow candidate; never fatal.
+
+        A serving model swap drops the candidate in the worker, and starts a new
+        generation, so the same target is tried again against the new model.
+        """
+        key = None if target is None else (target, self.worker.generation)
+        if key == self._shadow_key:
+            return
+        self._shadow_key = key
+        if target is None:
+            log.info("shadow evaluation ended")
+            self.worker.clear_shadow()
+            self.shadow_fetcher.clear()
+            return
+        detail: dict[str, Any] = target.to_json()
+        installed = self.updater.installed()
+        try:
+            model = self.shadow_fetcher.fetch(target, installed.sha256 if installed else None)
+            if model is None:
+                log.info("shadow candidate %s@%s is the installed model; not shadowed",
+                         target.name, target.release)  # fmt: skip
+                self.worker.clear_shadow()
+                return
+            self.worker.set_shadow(model.path, model.manifest, target)
+        except AgentError as err:
+            if isinstance(err, DownloadError | TrustUnavailableError):
+                self._shadow_key = None  # the network's fault, not the candidate's: retry
+            log.warning("shadow candidate %s@%s not run: %s", target.name, target.release, err)
+            self._report("shadow", "error", {**detail, "error": str(err)})
+            return
+        log.info("shadowing %s@%s on 1 frame in %d", target.name, target.release, target.every_n)
+        self._report("shadow", "started", {**detail, "downloaded": model.downloaded})
 
     def run_forever(self) -> None:
         self.start()
@@ -295,10 +337,15 @@ class Agent:
     def _handle_commands(self) -> None:
         while not self.publisher.commands.empty():
             command = self.publisher.commands.get_nowait()
-            if command.get("action") == "checkin":
+            action = command.get("action")
+            if action == "checkin":
                 self._wake.set()
+            elif action is None:
+                # Not a command: the embedded broker (amqtt) replays this device's own
+                # retained ``state`` message to its cmd subscription when it reconnects.
+                log.debug("ignored a message without an action on the cmd topic: %r", command)
             else:
-                log.warning("unknown command %r", command.get("action"))
+                log.warning("unknown command %r", action)
 
     def _status_line(self) -> str:
         installed = self.updater.installed()
