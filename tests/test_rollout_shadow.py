@@ -5,6 +5,7 @@ class that disagrees, waits for its sample and its frames, and a resume accepts.
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta
 from fractions import Fraction
 from typing import Any
 
@@ -180,3 +181,13 @@ def test_window_parses_and_sums() -> None:
 def test_malformed_windows_are_refused(change: dict[str, Any]) -> None:
     with pytest.raises(InvalidInputError):
         parse_window({**GOOD_WINDOW, **change})
+
+
+def test_the_phase_lasts_its_duration_before_passing_but_trips_at_once() -> None:
+    good = {f"rpi4-{i:03d}": report() for i in range(3)}
+    spec = shadow_spec(shadow_duration="1h")
+    d = run(spec, good, stage_started=NOW - timedelta(minutes=20))
+    assert d.kind is K.WAIT and "shadow phase: 40m left" in d.waiting
+    assert len(d.shadow) == 4 and d.start == ()
+    bad = {f"rpi4-{i:03d}": report(wrong={1: 50}) for i in range(3)}
+    assert run(spec, bad, stage_started=NOW - timedelta(minutes=20)).kind is K.PAUSE

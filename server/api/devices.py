@@ -111,13 +111,13 @@ def checkin(device_id: DeviceId, body: CheckinIn, request: Request) -> JSONRespo
         )
     # The CheckinOut shape, built directly: re-validating our own answer on every
     # check-in costs more than the database work.
-    return JSONResponse(
-        {
-            "desired": answer.desired.to_json() if answer.desired is not None else None,
-            "poll_interval_s": float(st.config.poll_interval_s),
-            "shadow": answer.shadow,
-        }
-    )
+    out: dict[str, Any] = {
+        "desired": answer.desired.to_json() if answer.desired is not None else None,
+        "poll_interval_s": float(st.config.poll_interval_s),
+    }
+    if answer.shadow is not None:  # absent, not null: the common answer stays as small as before
+        out["shadow"] = answer.shadow
+    return JSONResponse(out)
 
 
 def _store_events(st: AppState, device_id: str, token: str, events: list[EventIn]) -> int:

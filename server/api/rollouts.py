@@ -78,6 +78,7 @@ class RolloutIn(_OperatorInput):
     min_shadow_agreement: Text = "95%"
     shadow_min_frames: Annotated[int, Field(ge=1, le=1_000_000)] = 30
     shadow_cpu_budget: Text = "25%"
+    shadow_duration: Text = "30m"
     spec: dict[str, Any] | None = Field(
         default=None, description="a whole spec in stored form (per-stage settings)"
     )

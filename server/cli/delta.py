@@ -109,8 +109,10 @@ def cmd_make(args: argparse.Namespace) -> int:
         return EXIT_OK
     share = 100.0 * info.patch_size / max(info.new_size, 1)
     others = ", ".join(f"{name} {size:,}" for name, size in sorted(info.candidates.items()))
-    print(f"{args.output}: {info.mode} delta ({info.method}), {info.patch_size:,} bytes "
-          f"= {share:.2f}% of the new file ({info.new_size:,} bytes; old {info.old_size:,})")
+    print(
+        f"{args.output}: {info.mode} delta ({info.method}), {info.patch_size:,} bytes "
+        f"= {share:.2f}% of the new file ({info.new_size:,} bytes; old {info.old_size:,})"
+    )
     print(f"candidates: {others}; built in {info.seconds:.2f}s")
     return EXIT_OK
 
@@ -126,8 +128,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True))
         return EXIT_OK
-    print(f"{args.output}: {info.target_length:,} bytes, sha256 {info.target_sha256} "
-          f"({info.mode} delta, {info.patch_length:,} bytes, {info.seconds:.3f}s)")
+    print(
+        f"{args.output}: {info.target_length:,} bytes, sha256 {info.target_sha256} "
+        f"({info.mode} delta, {info.patch_length:,} bytes, {info.seconds:.3f}s)"
+    )
     return EXIT_OK
 
 
@@ -157,8 +161,12 @@ def add_commands(subparsers: Any) -> None:
     make.add_argument("old", metavar="OLD")
     make.add_argument("new", metavar="NEW")
     make.add_argument("-o", "--output", metavar="PATCH", required=True)
-    make.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                      help="progress bar on stderr (default: for big models on a terminal)")
+    make.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: for big models on a terminal)",
+    )
     apply = _add(actions, "apply", "rebuild NEW from OLD and PATCH", cmd_apply)
     apply.add_argument("old", metavar="OLD")
     apply.add_argument("patch", metavar="PATCH")

@@ -99,6 +99,7 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
             min_shadow_agreement=args.min_shadow_agreement,
             shadow_min_frames=args.shadow_min_frames,
             shadow_cpu_budget=args.shadow_cpu_budget,
+            shadow_duration=args.shadow_duration,
         )
     if args.window_cron is not None or args.window_duration is not None:
         body.update(
@@ -230,7 +231,8 @@ def shadow_text(r: dict[str, Any]) -> str:
         f"rollout {r['rollout_id']}: {r['shadowing_now']} devices shadowing now"
         + (
             f" (1 frame in {settings['every_n']}, minimum agreement {settings['min_agreement']},"
-            f" classes judged from {settings['min_class_frames']} frames)"
+            f" classes judged from {settings['min_class_frames']} frames, at least"
+            f" {settings.get('duration', '30m')} per stage)"
             if settings
             else " (this rollout has no shadow phase)"
         )
@@ -325,6 +327,9 @@ def _add_create(rollout: Any) -> None:
     )
     p.add_argument(
         "--shadow-cpu-budget", default="25%", help="share of one core the candidate may use"
+    )
+    p.add_argument(
+        "--shadow-duration", default="30m", help="shortest shadow phase per stage (a trip ends it)"
     )
 
 

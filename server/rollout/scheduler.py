@@ -193,9 +193,7 @@ class SchedulerProcess:
 
     def start(self) -> None:
         self._process.start()
-        log.info(
-            "rollout scheduler in process %s, ticking every %.3gs", self.pid, self.interval_s
-        )
+        log.info("rollout scheduler in process %s, ticking every %.3gs", self.pid, self.interval_s)
 
     def wake(self) -> None:
         self._shared.wake.set()

@@ -13,7 +13,10 @@ Operator text, as the CLI takes it:
 - a release effect: ``RELEASE[:PROFILE]:key=value[,...]`` with keys
   ``latency`` and ``power`` (multipliers of the profile's baseline, 1.4 = 40%
   slower), ``install_failure``, ``accuracy`` and ``silence`` (fractions that
-  replace the profile's), e.g. ``2:jetson-orin-nano:latency=1.4``.
+  replace the profile's), e.g. ``2:jetson-orin-nano:latency=1.4``; and for a
+  release shadowed before it installs, ``agreement`` (the share of frames on
+  which it agrees with the serving model) with ``weak_class`` (a class index)
+  and ``weak_agreement`` (that class's agreement), e.g. ``2:weak_class=7,weak_agreement=0.4``.
 
 ``install_failure`` is the share of devices whose install of a release fails
 (at the configured step, so it rolls back or fails as on a real agent, and
@@ -96,11 +99,25 @@ class ReleaseEffect:
     install_failure: float | None = None
     accuracy: float | None = None
     silence: float | None = None
+    agreement: float = 0.998  # as a shadow candidate, with the serving model
+    weak_class: float | None = None  # a class index whose agreement is weak_agreement
+    weak_agreement: float = 0.998
 
     def __post_init__(self) -> None:
         if not (0 < self.latency <= 100 and 0 < self.power <= 100):
             raise InvalidInputError("latency and power multipliers must be within (0, 100]")
-        _check_fractions("release effect", self.install_failure, self.accuracy, self.silence)
+        _check_fractions(
+            "release effect", self.install_failure, self.accuracy, self.silence, self.agreement,
+            self.weak_agreement,
+        )  # fmt: skip
+        if self.weak_class is not None and (
+            self.weak_class < 0 or self.weak_class != int(self.weak_class)
+        ):
+            raise InvalidInputError("weak_class must be a class index (0, 1, ...)")
+
+    def agreement_of(self, label_index: int) -> float:
+        weak = self.weak_class is not None and int(self.weak_class) == label_index
+        return self.weak_agreement if weak else self.agreement
 
 
 NEUTRAL = ReleaseEffect()

@@ -25,7 +25,7 @@ from typing import Any
 
 from agent.common.errors import AgentError, ProtocolError, SmokeTestError, UpdateError
 from agent.inference.scoring import GoldenSetResult, GoldenSetSpec
-from agent.protocol.api import DesiredTarget, InstalledModel, MqttCredentials
+from agent.protocol.api import DesiredTarget, InstalledModel, MqttCredentials, ShadowTarget
 from agent.transport.event_queue import EventQueue
 from agent.update.smoke import golden_set_problem
 from agent.update.state_machine import Event, State, UpdateRecord
@@ -33,7 +33,12 @@ from server.simulator.artifacts import SharedArtifacts, SignedModel
 from server.simulator.behaviour import Behaviour, Traits
 from server.simulator.http import DeviceHttp
 from server.simulator.mqtt_link import MqttLink
-from server.simulator.payloads import download_report, golden_report, telemetry_window
+from server.simulator.payloads import (
+    download_report,
+    golden_report,
+    shadow_results,
+    telemetry_window,
+)
 from server.simulator.plan import PlannedDevice, SimConfig
 from server.simulator.stats import FleetStats
 
@@ -76,6 +81,7 @@ class SimDevice:
         self.record = UpdateRecord()  # the update in progress, as agent.update.updater keeps it
         self.failures: dict[str, int] = {}
         self.link: MqttLink | None = None
+        self.shadow: ShadowTarget | None = None  # the candidate the server asked to shadow
         self.wake = asyncio.Event()
         self.windows = 0
         self.events = EventQueue()  # HTTP copies waiting for their batch
@@ -274,6 +280,22 @@ class SimDevice:
             profile=self.plan.profile,
             spec=self.ctx.config.telemetry,
         )
+        shadow = self.shadow
+        if shadow is not None and shadow.release != manifest.release:
+            behaviour = self.ctx.behaviour
+            results = shadow_results(
+                seed=behaviour.seed,
+                hardware_id=self.plan.hardware_id,
+                index=self.windows,
+                manifest=manifest,
+                target=shadow,
+                effect=behaviour.effect(self.plan.profile, shadow.release),
+                candidate=self.traits(shadow.release),
+                serving=self.traits(manifest.release),
+                spec=self.ctx.config.telemetry,
+            )
+            if link.publish("results", results):
+                self.ctx.stats.shadow_windows += 1
         self.windows += 1
         if link.publish("telemetry", payload):
             self.ctx.stats.windows += 1

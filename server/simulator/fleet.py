@@ -212,6 +212,7 @@ class Fleet:
                     device.device_id, device.token, "idle", device.installed()
                 )
                 advertised = reply.poll_interval_s
+                device.shadow = reply.shadow
                 if device.wants(reply.desired):
                     assert reply.desired is not None
                     await device.update(reply.desired)

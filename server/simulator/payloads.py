@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__ as AGENT_VERSION  # noqa: N812 - reads as a constant here
+from agent.protocol.api import ShadowTarget
 from agent.protocol.manifest import ModelManifest
 from agent.telemetry.sampler import PowerWindow
 from agent.telemetry.window import power_fields
-from server.simulator.behaviour import Traits, normal
+from server.simulator.behaviour import ReleaseEffect, Traits, draw, normal
 
 # Invoke latency within a window is log-normal with this sigma; p95 = median * e^(1.645 sigma).
 LATENCY_SIGMA = 0.15
@@ -135,4 +136,68 @@ def golden_report(
         "per_class": per_class,
         "release": manifest.release,
         "min_accuracy": min_accuracy,
+    }
+
+
+def shadow_results(
+    *,
+    seed: int,
+    hardware_id: str,
+    index: int,
+    manifest: ModelManifest,
+    target: ShadowTarget,
+    effect: ReleaseEffect,
+    candidate: Traits,
+    serving: Traits,
+    spec: WindowSpec,
+) -> dict[str, Any]:
+    """A ``results`` window with the ``shadow`` block of the agent's shadow runner.
+
+    Each shadowed frame's class is drawn uniformly from the serving model's labels;
+    the candidate agrees with the release effect's ``agreement_of`` that class and
+    otherwise answers the next class, so a weak class shows as one confusion.
+    """
+    labels = manifest.labels or ("0",)
+    frames = round(spec.fps * spec.window_s)
+    every = target.every_n
+    # Spread the remainder over windows, so the long-run share is exactly 1 in every_n.
+    shadowed = (index + 1) * frames // every - index * frames // every
+    pairs: dict[tuple[int, int], int] = {}
+    for k in range(shadowed):
+        cls = int(draw(seed, hardware_id, "shadow-class", index, k) * len(labels))
+        agrees = draw(seed, hardware_id, "shadow-agree", index, k) < effect.agreement_of(cls)
+        key = (cls, cls if agrees else (cls + 1) % len(labels))
+        pairs[key] = pairs.get(key, 0) + 1
+    counts: dict[str, int] = {}
+    for (i, _), n in pairs.items():
+        counts[labels[i]] = counts.get(labels[i], 0) + n
+    hist = [0] * 10
+    hist[-1] = shadowed
+    p95 = candidate.p95_ms
+    block = {
+        "rollout_id": target.rollout_id,
+        "name": target.name,
+        "release": target.release,
+        "frames": frames,
+        "shadowed": shadowed,
+        "skipped": 0,
+        "agreed": sum(n for (i, j), n in pairs.items() if i == j),
+        "pairs": [[i, j, n] for (i, j), n in sorted(pairs.items())],
+        "labels": list(labels),
+        "candidate_latency_ms": {k: v for k, v in latency_summary(p95, shadowed).items()
+                                 if k in ("p50", "p95", "max")},
+        "serving_latency_ms": {k: v for k, v in latency_summary(serving.p95_ms, shadowed).items()
+                               if k in ("p50", "p95")},
+        "candidate_mj": round(candidate.power_mw * (1 - IDLE_SHARE) * p95 / 1000.0, 4),
+        "error": None,
+    }  # fmt: skip
+    return {
+        "model": manifest.name,
+        "release": manifest.release,
+        "slot": "a",
+        "class_counts": counts,
+        "confidence_hist": hist,
+        "last_top_k": [],
+        "shadow": block,
+        "simulated": True,
     }

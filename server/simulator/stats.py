@@ -36,6 +36,7 @@ class Report:
     rolled_back: int
     silent: int
     windows: int
+    shadow_windows: int  # results windows with a shadow block
     mqtt_dropped: int
     mqtt_linked: int
     releases: dict[str, int]  # "name@release" -> devices running it
@@ -51,7 +52,7 @@ class Report:
             f"({self.checkins_per_s:.1f}/s, p99 {p99} ms), {self.events} events, "
             f"{self.errors} errors; updates {self.committed} committed, {self.failed} failed, "
             f"{self.rolled_back} rolled back, {self.silent} silent; {self.windows} telemetry "
-            f"windows; running {running}"
+            f"windows, {self.shadow_windows} shadow windows; running {running}"
         )
 
 
@@ -69,6 +70,7 @@ class FleetStats:
         self.rolled_back = 0
         self.silent = 0
         self.windows = 0
+        self.shadow_windows = 0
 
     def reset_checkins(self) -> None:
         """Start a fresh measurement period for check-in rate and latency."""
@@ -110,6 +112,7 @@ class FleetStats:
             rolled_back=self.rolled_back,
             silent=self.silent,
             windows=self.windows,
+            shadow_windows=self.shadow_windows,
             mqtt_dropped=mqtt_dropped,
             mqtt_linked=linked,
             releases=releases,

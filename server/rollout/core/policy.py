@@ -280,7 +280,7 @@ def decide(facts: RolloutFacts, now: datetime, config: PolicyConfig = PolicyConf
         tally.count(facts, now)
     except TypeError as err:  # a naive datetime among aware ones
         raise FactsError(f"rollout {facts.rollout_id}: times must be timezone-aware") from err
-    phase = shadow_phase(spec, status, tally.candidates, facts.shadow)
+    phase = shadow_phase(spec, status, tally.candidates, facts.shadow, now)
     results = tuple(_judge(spec.stages, tally, cur)) + (phase.results if phase else ())
     tripped = tuple(r for r in results if r.tripped)
     window_open = spec.window is None or spec.window.is_open(now)

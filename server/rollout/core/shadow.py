@@ -20,12 +20,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from fractions import Fraction
 from typing import Any
 
 from server.errors import InvalidInputError
 from server.rollout.core.gates import GateResult
-from server.rollout.core.units import HUNDRED, format_number, parse_fraction, parse_whole
+from server.rollout.core.units import (
+    HUNDRED,
+    format_duration,
+    format_number,
+    parse_duration,
+    parse_fraction,
+    parse_whole,
+)
 
 SHADOW_AGREEMENT = "shadow_agreement"
 SHADOW_CLASS_AGREEMENT = "shadow_class_agreement"
@@ -45,9 +53,12 @@ class ShadowLimits:
     min_agreement: Fraction = Fraction(95, 100)  # overall and per class, 0..1
     min_class_frames: int = 30  # frames before a class (or the whole profile) is judged
     cpu_budget: Fraction = Fraction(1, 4)  # share of one core the candidate may use
+    # The phase lasts at least this long, so rarer classes gather frames; a trip ends it sooner.
+    duration: timedelta = timedelta(minutes=30)
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "duration": format_duration(self.duration),
             "every_n": self.every_n,
             "min_agreement": f"{format_number(self.min_agreement * HUNDRED)}%",
             "min_class_frames": self.min_class_frames,
@@ -71,6 +82,9 @@ class ShadowLimits:
                 data.get("min_class_frames", cls.min_class_frames), "shadow-min-frames", minimum=1
             ),
             cpu_budget=budget,
+            duration=parse_duration(
+                data.get("duration", "30m"), "shadow-duration", allow_zero=True
+            ),
         )
 
 

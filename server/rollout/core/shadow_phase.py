@@ -2,17 +2,18 @@
 
 Pure: no IO. With ``spec.shadow`` set, every stage starts in a shadow phase:
 its devices are told to run the candidate beside their current model, and
-none is told to install. The phase ends when every profile's shadow gates
-have their sample and pass (the policy then records ``shadow_done`` and starts
-installing), or when a gate trips (the rollout pauses; a resume accepts the
-candidate for that stage). Devices of earlier stages still waiting to start
-are not held back by it.
+none is told to install. The phase ends when it has lasted ``duration`` and
+every profile's shadow gates have their sample and pass (the policy then
+records ``shadow_done`` and starts installing), or when a gate trips (the
+rollout pauses; a resume accepts the candidate for that stage). Devices of
+earlier stages still waiting to start are not held back by it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from server.rollout.core.gates import GateResult
 from server.rollout.core.shadow import (
@@ -23,16 +24,22 @@ from server.rollout.core.shadow import (
 )
 from server.rollout.core.spec import RolloutSpec
 from server.rollout.core.states import RolloutStatus
+from server.rollout.core.units import format_duration
 
 
 @dataclass(frozen=True)
 class ShadowPhase:
     devices: tuple[str, ...]  # to shadow now, in cohort order
     results: tuple[GateResult, ...]
+    left: timedelta = timedelta(0)  # of the phase's minimum duration
 
     @property
     def pending(self) -> list[str]:
-        return [r.message() for r in self.results if r.waiting]
+        waiting = [r.message() for r in self.results if r.waiting]
+        if self.left > timedelta(0):
+            seconds = timedelta(seconds=-(-self.left // timedelta(seconds=1)))
+            waiting.append(f"shadow phase: {format_duration(seconds)} left")
+        return waiting
 
     def summary(self) -> str:
         return "; ".join(r.message() for r in self.results if r.name == SHADOW_AGREEMENT)
@@ -47,6 +54,7 @@ def shadow_phase(
     status: RolloutStatus,
     candidates: Sequence[Candidate],
     reports: Mapping[str, ShadowReport],
+    now: datetime,
 ) -> ShadowPhase | None:
     """The current stage's shadow phase, or None when it has none (or it is over)."""
     cur = status.stage_index
@@ -67,4 +75,6 @@ def shadow_phase(
         results.extend(
             judge_shadow(profile, grouped[profile], reachable.get(profile, 0), limits, min_sample)
         )
-    return ShadowPhase(tuple(c[3] for c in stage), tuple(results))
+    began = status.stage_started_at or now
+    left = max(timedelta(0), began + limits.duration - now)
+    return ShadowPhase(tuple(c[3] for c in stage), tuple(results), left)

@@ -372,6 +372,7 @@ def build_spec(
     min_shadow_agreement: str = "95%",
     shadow_min_frames: int = 30,
     shadow_cpu_budget: str = "25%",
+    shadow_duration: str = "30m",
     limits: SpecLimits = DEFAULT_LIMITS,
 ) -> RolloutSpec:
     """The operator's options (CLI flags or REST fields), with every stage sharing them."""
@@ -415,6 +416,7 @@ def build_spec(
                 "min_agreement": min_shadow_agreement,
                 "min_class_frames": shadow_min_frames,
                 "cpu_budget": shadow_cpu_budget,
+                "duration": shadow_duration,
             },
         },
         limits,

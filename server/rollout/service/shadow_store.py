@@ -22,9 +22,12 @@ from sqlalchemy.orm import Session
 from server.db.tables import Device, ShadowAssignment
 from server.rollout.core.shadow import ShadowReport, fold
 from server.rollout.core.spec import RolloutSpec
-from server.rollout.service.tables import ShadowResult
+from server.rollout.core.states import RolloutState
+from server.rollout.service.tables import Rollout, ShadowResult
 
 _CHUNK = 500
+# Running, paused or awaiting approval (records.HOLDING, which imports this module).
+HOLDING_STATES = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.AWAITING_APPROVAL)
 
 
 def clear(s: Session, rollout_id: str) -> int:
@@ -153,3 +156,30 @@ def report(s: Session, rollout_id: str) -> dict[str, Any]:
         "shadowing_now": int(count or 0),
         "profiles": {p: fold(devices).to_json() for p, devices in sorted(profiles.items())},
     }
+
+
+def live(s: Session) -> list[dict[str, Any]]:
+    """Shadow figures of rollouts that still hold their devices: one row per profile, with
+    the weakest class among those with ``min_class_frames`` frames (for /metrics)."""
+    rows = s.scalars(select(Rollout).where(Rollout.state.in_([st.value for st in HOLDING_STATES])))
+    out: list[dict[str, Any]] = []
+    for rollout in rows:
+        settings = rollout.spec.get("shadow")
+        if not settings:
+            continue
+        floor = int(settings.get("min_class_frames", 30))
+        for profile, p in report(s, rollout.id)["profiles"].items():
+            judged = [c["agreement"] for c in p["classes"] if c["frames"] >= floor]
+            out.append(
+                {
+                    "rollout": rollout.id,
+                    "model": rollout.name,
+                    "release": rollout.release,
+                    "profile": profile,
+                    "agreement": p["agreement"],
+                    "class_min": min(judged) if judged else None,
+                    "shadowed": p["shadowed"],
+                    "candidate_p95_ms": p["candidate_p95_ms"],
+                }
+            )
+    return out
