@@ -31,6 +31,7 @@ from sqlalchemy.orm import aliased
 from server.config import ServerConfig
 from server.db.tables import Database, Device, TelemetryLatest, TelemetryRollup, utcnow
 from server.mqtt.ingest import TelemetryIngest
+from server.rollout.service import shadow_store
 from server.telemetry import accuracy_store, latency_sketch
 from server.telemetry.windows import RollupValues
 from server.telemetry.writer import RollupWriter
@@ -102,6 +103,7 @@ class FleetCollector(Collector):
             )
             yield from self._telemetry(rows)
             yield from _accuracy(accuracy_store.fleet_accuracy(s)["releases"])
+            yield from _shadow(shadow_store.live(s))
 
     def _telemetry(self, rows: Iterable[object]) -> Iterator[Metric]:
         by_power: dict[tuple[str, str, str, str], _Group] = {}
@@ -223,6 +225,19 @@ def _accuracy(rows: list[dict[str, Any]]) -> Iterator[Metric]:
     )
 
 
+def _shadow(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Shadow evaluation of rollouts that hold their devices (candidate against serving)."""
+    labels = ("rollout", "model", "release", "profile")
+    keyed = [((r["rollout"], r["model"], str(r["release"]), r["profile"]), r) for r in rows]
+    for name, key, doc in (
+        ("edgefleet_shadow_agreement_ratio", "agreement", "Top-1 agreement, candidate/serving."),
+        ("edgefleet_shadow_class_agreement_min_ratio", "class_min", "Weakest judged class."),
+        ("edgefleet_shadow_frames", "shadowed", "Frames the candidate ran in shadow."),
+        ("edgefleet_shadow_candidate_p95_ms", "candidate_p95_ms", "Candidate p95 invoke."),
+    ):
+        yield _gauge(name, doc, labels, ((*k, r[key]) for k, r in keyed))
+
+
 def _gauge(
     name: str, doc: str, labels: tuple[str, ...], samples: Iterable[Iterable[object]]
 ) -> GaugeMetricFamily:
@@ -278,9 +293,18 @@ class IngestCollector(Collector):
                 "results windows by outcome (rejected: not a well-formed window, not stored).",
                 labels=["result"],
             )
+            shadow = CounterMetricFamily(
+                "edgefleet_shadow_results",
+                "shadow blocks by outcome (not_assigned: the device was not shadowing for it).",
+                labels=["result"],
+            )
             for outcome, count in self._ingest.results.snapshot().items():
-                results.add_metric([outcome], count)
+                if outcome.startswith("shadow_"):
+                    shadow.add_metric([outcome.removeprefix("shadow_")], count)
+                else:
+                    results.add_metric([outcome], count)
             yield results
+            yield shadow
         if written is None or self._writer is None:
             return
         for name, doc, value in (
