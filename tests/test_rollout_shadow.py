@@ -20,9 +20,9 @@ from server.rollout.core.shadow import (
     SHADOW_ERROR,
     ShadowLimits,
     ShadowReport,
-    fold,
     parse_window,
 )
+from server.rollout.core.shadow_judge import agreement_upper_bound, fold
 from server.rollout.core.spec import RolloutSpec
 from server.rollout.core.states import Action, RolloutState, apply_action
 
@@ -94,17 +94,38 @@ def test_one_class_disagreeing_pauses_and_names_the_class() -> None:
     assert "shadow result accepted" in resumed.reason
 
 
-def test_a_rare_class_is_not_judged_below_the_frame_floor() -> None:
-    rare = report(per_class=100)
-    pairs = dict(rare.pairs)
-    pairs[(3, 3)] = 1
-    pairs[(3, 0)] = 9  # 10 frames of c3, 10% agreement: under the 30-frame floor
-    rare = replace(rare, pairs=pairs, shadowed=310, agreed=301)
-    d = run(shadow_spec(), {f"rpi4-{i:03d}": rare for i in range(3)})
-    assert d.kind is K.PAUSE  # 30 frames of c3 over three devices: judged, and it fails
-    d = run(shadow_spec(shadow_min_frames=31), {f"rpi4-{i:03d}": rare for i in range(3)})
+def with_rare(agreed: int, frames: int) -> ShadowReport:
+    """A healthy report plus ``frames`` frames of c3, ``agreed`` of which agree."""
+    base = report(per_class=100)
+    pairs = dict(base.pairs)
+    del pairs[(3, 3)]
+    if agreed:
+        pairs[(3, 3)] = agreed
+    if frames - agreed:
+        pairs[(3, 0)] = frames - agreed
+    shadowed = sum(pairs.values())
+    return replace(base, pairs=pairs, shadowed=shadowed,
+                   agreed=sum(v for (i, j), v in pairs.items() if i == j))
+
+
+def test_a_rare_class_needs_the_floor_or_overwhelming_evidence() -> None:
+    # 12 of 15 frames over three devices (80%): under the 30-frame floor, not judged.
+    d = run(shadow_spec(), {f"rpi4-{i:03d}": with_rare(4, 5) for i in range(3)})
     assert d.kind is K.SHADOW_PASSED
-    assert "1 classes under 31 frames not judged" in " ".join(g.detail for g in d.gates)
+    assert "1 classes under 30 frames not judged" in " ".join(g.detail for g in d.gates)
+    # At 30 frames it is judged on its value, and 80% < 95% trips.
+    d = run(shadow_spec(), {f"rpi4-{i:03d}": with_rare(8, 10) for i in range(3)})
+    assert d.kind is K.PAUSE and "for class 'c3': 80.0%" in d.reason
+    # A collapse cannot hide under the floor: 0 of 6 frames is overwhelming evidence.
+    d = run(shadow_spec(), {f"rpi4-{i:03d}": with_rare(0, 2) for i in range(3)})
+    assert d.kind is K.PAUSE and "for class 'c3': 0.0%" in d.reason
+    assert "under 30 frames, but at most" in d.reason
+
+
+def test_the_evidence_bound() -> None:
+    assert agreement_upper_bound(0, 6) < 0.7
+    assert agreement_upper_bound(12, 15) > 0.95  # 80% of 15 could still be a 95% class
+    assert agreement_upper_bound(4, 4) > 0.999 and agreement_upper_bound(0, 0) == 1.0
 
 
 def test_too_few_frames_waits() -> None:

@@ -16,12 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from server.rollout.core.gates import GateResult
-from server.rollout.core.shadow import (
-    SHADOW_AGREEMENT,
-    ShadowReport,
-    devices_by_profile,
-    judge_shadow,
-)
+from server.rollout.core.shadow import SHADOW_AGREEMENT, ShadowReport
+from server.rollout.core.shadow_judge import devices_by_profile, judge_shadow
 from server.rollout.core.spec import RolloutSpec
 from server.rollout.core.states import RolloutStatus
 from server.rollout.core.units import format_duration

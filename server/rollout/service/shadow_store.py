@@ -20,7 +20,8 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from server.db.tables import Device, ShadowAssignment
-from server.rollout.core.shadow import ShadowReport, fold
+from server.rollout.core.shadow import ShadowReport
+from server.rollout.core.shadow_judge import fold
 from server.rollout.core.spec import RolloutSpec
 from server.rollout.core.states import RolloutState
 from server.rollout.service.tables import Rollout, ShadowResult
