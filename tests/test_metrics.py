@@ -156,8 +156,9 @@ def test_metrics_show_the_fleet_with_power_sources_and_merged_latency(server: Se
     exprs += [v.get("definition", "") for v in dashboard["templating"]["list"]]
     queried = set(re.findall(r"\bedgefleet_[a-z0-9_]+", " ".join(exprs)))
     # Field accuracy needs results windows and a validated release: test_accuracy_drift.py
-    # checks the dashboard's edgefleet_accuracy_* queries against a fleet that has them.
-    queried = {q for q in queried if not q.startswith("edgefleet_accuracy_")}
+    # checks the dashboard's edgefleet_accuracy_* queries against a fleet that has them, and
+    # test_simulator_shadow.py the edgefleet_shadow_* ones against a rollout that shadows.
+    queried = {q for q in queried if not q.startswith(("edgefleet_accuracy_", "edgefleet_shadow_"))}
     served = {name for name, _labels in found}
     assert queried and queried <= served, queried - served
 

@@ -5,6 +5,8 @@ shadow phase and installs."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,11 @@ import pytest
 from fleet_helpers import Operator
 from waiting import wait_for
 
+from server import cli
 from server.app import ServerHandle
 from server.simulator import Fleet, FleetThread, SimConfig, WindowSpec, build_behaviour
+
+DASHBOARD = Path(__file__).parent.parent / "dashboards" / "grafana-edgefleet.json"
 
 
 @pytest.fixture
@@ -60,7 +65,7 @@ def shadow_rollout(op: Operator, prefix: str, fleet: FleetThread, duration: str 
 
 
 def test_a_candidate_weak_on_one_class_pauses_naming_it(
-    server: ServerHandle, fleet_of: Callable[..., FleetThread]
+    server: ServerHandle, fleet_of: Callable[..., FleetThread], capsys: pytest.CaptureFixture[str]
 ) -> None:
     op = Operator(server.url, server.operator_token)
     fleet = fleet_of("weak", ("2:weak_class=7,weak_agreement=0.2",))
@@ -85,7 +90,23 @@ def test_a_candidate_weak_on_one_class_pauses_naming_it(
     assert fleet.report().shadow_windows > 0
     assert fleet.report().releases == {"digits@1": 4}  # nobody installed the candidate
     metrics = op.session.get(f"{server.url}/metrics", timeout=30).text
-    assert f'edgefleet_shadow_agreement_ratio{{model="digits",profile="x86-gateway",release="2",rollout="{rid}"}}' in metrics  # noqa: E501
+    labels = f'model="digits",profile="x86-gateway",release="2",rollout="{rid}"'
+    assert f"edgefleet_shadow_agreement_ratio{{{labels}}}" in metrics
+    accuracy = op.call("GET", "/api/v1/accuracy")["shadow"]
+    assert [(r["rollout"], r["profile"]) for r in accuracy] == [(rid, "x86-gateway")]
+    assert accuracy[0]["class_min"] < 0.5 < accuracy[0]["agreement"]
+    login = ["--server", server.url, "--token", server.operator_token]
+    assert cli.main([*login, "accuracy"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "shadow evaluation (candidate against serving model)" in out and rid in out
+    assert cli.main([*login, "rollout", "shadow", rid]) in (0, None)
+    out = capsys.readouterr().out
+    assert "profile x86-gateway:" in out and "8 (" in out  # class 7 mistaken for 8
+    # Every shadow query of the Grafana dashboard is a metric served here.
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    queried = set(re.findall(r"\bedgefleet_shadow_[a-z0-9_]+", exprs))
+    assert len(queried) == 4 and all(f"{name}{{" in metrics for name in queried), queried
 
 
 def test_an_agreeing_candidate_passes_shadow_and_installs(

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
 from server.api.schemas import DEVICE_ID, ErrorOut
 from server.errors import NotFoundError
+from server.rollout.service import shadow_store
 from server.telemetry import accuracy, accuracy_store
 
 router = APIRouter(
@@ -37,9 +38,12 @@ def get_accuracy(
     hours: Hours = accuracy_store.DEFAULT_LOOKBACK_HOURS,
     min_inferences: MinInferences = accuracy.MIN_INFERENCES,
 ) -> dict[str, Any]:
-    """Per release and board profile: inferences, mean confidence, drift, golden sets."""
+    """Per release and board profile: inferences, mean confidence, drift, golden sets; and
+    ``shadow``: the candidates rollouts are shadowing now, their agreement per profile."""
     with st.db.session() as s:
-        return accuracy_store.fleet_accuracy(s, hours, min_inferences)
+        data = accuracy_store.fleet_accuracy(s, hours, min_inferences)
+        data["shadow"] = shadow_store.live(s)
+        return data
 
 
 @router.get("/devices/{device_id}/accuracy")

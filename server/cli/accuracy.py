@@ -75,7 +75,37 @@ def _accuracy(args: argparse.Namespace) -> None:
         return
     data = api.get("/api/v1/accuracy", **params)
     rows = [_row(r) for r in data["releases"]]
-    emit(args, data, lambda: table(rows, _COLUMNS) + "\n" + _footer(data))
+    emit(args, data, lambda: table(rows, _COLUMNS) + "\n" + _footer(data) + _shadow(data))
+
+
+_SHADOW_COLUMNS = (
+    ("ROLLOUT", "rollout"),
+    ("CANDIDATE", "label"),
+    ("PROFILE", "profile"),
+    ("FRAMES", "shadowed"),
+    ("AGREEMENT", "overall"),
+    ("WEAKEST CLASS", "weakest"),
+    ("CANDIDATE P95", "p95"),
+)
+
+
+def _shadow(data: dict[str, Any]) -> str:
+    """Candidates being shadowed now (see ``edgefleet rollout shadow ID`` for per class)."""
+    rows = [
+        {
+            **r,
+            "label": f"{r['model']}@{r['release']}",
+            "overall": _pct(r.get("agreement")),
+            "weakest": _pct(r.get("class_min")),
+            "p95": "-" if r.get("candidate_p95_ms") is None else f"{r['candidate_p95_ms']:.1f} ms",
+        }
+        for r in data.get("shadow") or []
+    ]
+    if not rows:
+        return ""
+    return "\n\nshadow evaluation (candidate against serving model):\n" + table(
+        rows, _SHADOW_COLUMNS
+    )
 
 
 def add_commands(subparsers: Any) -> None:

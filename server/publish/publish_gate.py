@@ -98,8 +98,11 @@ def gate_config_from(max_drop: float | None, max_class_drop: float | None) -> Ga
     """The limits an operator gave (None: the rule's 1 and 3 points), or InvalidInputError."""
     drop = 1.0 if max_drop is None else max_drop
     try:  # keep-float stays at the rule's 3 points unless max_drop is above it
-        return GateConfig(max_drop=drop, keep_float_drop=max(3.0, drop),
-                          max_class_drop=3.0 if max_class_drop is None else max_class_drop)
+        return GateConfig(
+            max_drop=drop,
+            keep_float_drop=max(3.0, drop),
+            max_class_drop=3.0 if max_class_drop is None else max_class_drop,
+        )
     except ValueError as err:
         raise InvalidInputError(str(err)) from err
 

@@ -231,7 +231,11 @@ def _shadow(rows: list[dict[str, Any]]) -> Iterator[Metric]:
     keyed = [((r["rollout"], r["model"], str(r["release"]), r["profile"]), r) for r in rows]
     for name, key, doc in (
         ("edgefleet_shadow_agreement_ratio", "agreement", "Top-1 agreement, candidate/serving."),
-        ("edgefleet_shadow_class_agreement_min_ratio", "class_min", "Weakest judged class."),
+        (
+            "edgefleet_shadow_class_agreement_min_ratio",
+            "class_min",
+            "Weakest class with 5 frames or more.",
+        ),
         ("edgefleet_shadow_frames", "shadowed", "Frames the candidate ran in shadow."),
         ("edgefleet_shadow_candidate_p95_ms", "candidate_p95_ms", "Candidate p95 invoke."),
     ):

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from server.db.tables import Device, ShadowAssignment
 from server.rollout.core.shadow import ShadowReport
-from server.rollout.core.shadow_judge import fold
+from server.rollout.core.shadow_judge import MIN_EVIDENCE_FRAMES, fold
 from server.rollout.core.spec import RolloutSpec
 from server.rollout.core.states import RolloutState
 from server.rollout.service.tables import Rollout, ShadowResult
@@ -161,16 +161,15 @@ def report(s: Session, rollout_id: str) -> dict[str, Any]:
 
 def live(s: Session) -> list[dict[str, Any]]:
     """Shadow figures of rollouts that still hold their devices: one row per profile, with
-    the weakest class among those with ``min_class_frames`` frames (for /metrics)."""
+    the weakest class among those with enough frames to say anything (for /metrics)."""
     rows = s.scalars(select(Rollout).where(Rollout.state.in_([st.value for st in HOLDING_STATES])))
     out: list[dict[str, Any]] = []
     for rollout in rows:
         settings = rollout.spec.get("shadow")
         if not settings:
             continue
-        floor = int(settings.get("min_class_frames", 30))
         for profile, p in report(s, rollout.id)["profiles"].items():
-            judged = [c["agreement"] for c in p["classes"] if c["frames"] >= floor]
+            judged = [c["agreement"] for c in p["classes"] if c["frames"] >= MIN_EVIDENCE_FRAMES]
             out.append(
                 {
                     "rollout": rollout.id,
