@@ -23,6 +23,8 @@ Loopback only; bounded by ``--max-minutes``. The last line is exactly
 ``devices=N checkins_per_s=X p99_ms=Y errors=E tick_ms=T``: check-ins per second
 and their p99 over the rollout, every error the simulated devices met (plus one
 if the rollout did not complete within the run), and the mean engine tick.
+With ``--shadow-every N`` every stage first shadows the candidate (the linked
+sample reports agreement) and ``shadow_windows=W`` is appended.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class Bench:
     window_s: float
     connections: int
     max_minutes: float
+    shadow_every: int = 0  # 0: no shadow phase
+    shadow_duration: str = "10s"
     status_every_s: float = 5.0
 
 
@@ -298,12 +302,13 @@ def drive(bench: Bench, fleet: FleetThread, srv: dict[str, Any]) -> str:
         time.sleep(0.5)
     time.sleep(2.0)  # let the server's telemetry writer flush the baseline
     fleet.call(lambda f: f.stats.reset_checkins())
-    resp = op.post(
-        srv["url"] + "/api/v1/rollouts", timeout=600,
-        json={"release": "digits@2", "select": ["fleet=bench"], "stages": STAGES,
-              "soak": bench.soak, "timeout": "1h", "start": True,
-              "max_concurrent_downloads": min(bench.devices, 100_000)},
-    )  # fmt: skip
+    body = {"release": "digits@2", "select": ["fleet=bench"], "stages": STAGES,
+            "soak": bench.soak, "timeout": "1h", "start": True,
+            "max_concurrent_downloads": min(bench.devices, 100_000)}  # fmt: skip
+    if bench.shadow_every:
+        # Every stage shadows first; the MQTT-linked sample reports the agreement.
+        body.update(shadow_every=bench.shadow_every, shadow_duration=bench.shadow_duration)
+    resp = op.post(srv["url"] + "/api/v1/rollouts", timeout=600, json=body)
     ticks_before, seconds_before = tick_counters(srv["url"], srv["token"])
     resp.raise_for_status()
     rollout_id = resp.json()["id"]
@@ -321,10 +326,11 @@ def drive(bench: Bench, fleet: FleetThread, srv: dict[str, Any]) -> str:
     if state != "completed":
         say(f"the rollout did not complete within the run: it is {state} in stage {stage}/4")
     errors = report.errors + (0 if state == "completed" else 1)
+    shadow = f" shadow_windows={report.shadow_windows}" if bench.shadow_every else ""
     return (
         f"devices={bench.devices} checkins_per_s={report.checkins_per_s:.1f} "
         f"p99_ms={report.checkin_p99_ms or float('nan'):.1f} errors={errors} "
-        f"tick_ms={tick_ms:.1f}"
+        f"tick_ms={tick_ms:.1f}{shadow}"
     )
 
 
@@ -341,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=10.0, help="telemetry window (s)")
     p.add_argument("--connections", type=int, default=32, help="simulator HTTP connections")
     p.add_argument("--max-minutes", type=float, default=90.0, help="stop the rollout after this")
+    p.add_argument("--shadow-every", type=int, default=0, help="shadow 1 frame in N per stage")
+    p.add_argument("--shadow-duration", default="10s", help="shortest shadow phase per stage")
     args = p.parse_args(argv)
     if not 1 <= args.devices <= 100_000:
         p.error("--devices must be within 1..100000")
@@ -349,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         mqtt_url=None if args.embedded_broker else args.mqtt_url,
         mqtt_devices=min(args.mqtt_devices, args.devices), poll_s=args.poll, tick_s=args.tick,
         soak=args.soak, window_s=args.window, connections=args.connections,
-        max_minutes=args.max_minutes,
+        max_minutes=args.max_minutes, shadow_every=args.shadow_every,
+        shadow_duration=args.shadow_duration,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         last = run(bench, Path(tmp))
