@@ -61,7 +61,7 @@ def run(spec: RolloutSpec, reports: dict[str, ShadowReport], **status: Any) -> A
 
 
 def test_shadow_phase_holds_installs_and_names_the_devices_to_shadow() -> None:
-    d = run(shadow_spec(), {})
+    d = run(shadow_spec(), {}, stage_started=NOW - timedelta(minutes=10))
     assert d.kind is K.WAIT
     assert d.start == ()
     assert sorted(d.shadow) == [f"rpi4-{i:03d}" for i in range(4)]
@@ -126,6 +126,16 @@ def test_the_evidence_bound() -> None:
     assert agreement_upper_bound(0, 6) < 0.7
     assert agreement_upper_bound(12, 15) > 0.95  # 80% of 15 could still be a 95% class
     assert agreement_upper_bound(4, 4) > 0.999 and agreement_upper_bound(0, 0) == 1.0
+
+
+def test_after_its_duration_a_profile_is_judged_on_the_devices_that_reported() -> None:
+    early = NOW - timedelta(minutes=10)
+    one = {"rpi4-000": report(wrong={2: 60})}
+    assert run(shadow_spec(), one, stage_started=early).kind is K.WAIT  # wants 3 devices
+    assert run(shadow_spec(), one).kind is K.PAUSE  # 30 minutes on: judged on the one
+    d = run(shadow_spec(), {})  # nobody could shadow (old agents): said, not held for ever
+    assert d.kind is K.SHADOW_PASSED
+    assert "not judged: none of 4 devices reported shadow results" in d.reason
 
 
 def test_too_few_frames_waits() -> None:

@@ -160,17 +160,29 @@ def judge_shadow(
     expected: int,
     limits: ShadowLimits,
     min_sample: int,
+    *,
+    over: bool = False,
 ) -> list[GateResult]:
     """The shadow gates of one profile: errors, overall agreement, and per class the
     tripped classes (or, when none tripped, the weakest one judged, to show the margin).
 
     ``expected`` is how many of the stage's devices in this profile could report
-    (those heard from lately); the gates wait for ``min(min_sample, expected)``.
+    (those heard from lately); the gates wait for ``min(min_sample, expected)`` until
+    the phase's duration is ``over``. After that the profile is judged on the devices
+    that did report, and a profile where none did (agents too old to shadow, or no
+    telemetry link) is named as not judged rather than holding the stage for ever.
     """
     folded = fold(reports)
     limit = float(limits.min_agreement * HUNDRED)
     needed = max(1, min(min_sample, expected))
+    if over and folded.devices:
+        needed = min(needed, folded.devices)
     results: list[GateResult] = []
+    if over and not folded.devices and not folded.errors:
+        return [
+            _gate(SHADOW_AGREEMENT, profile, None, limit, sample=0, needed=0,
+                  detail=f"not judged: none of {expected} devices reported shadow results")
+        ]  # fmt: skip
     if folded.errors:
         devices = tuple(d for d, _ in folded.errors)
         first = folded.errors[0][1]

@@ -66,11 +66,14 @@ def shadow_phase(
         if not c[1]:
             reachable[c[4]] = reachable.get(c[4], 0) + 1
     min_sample = spec.stages[cur].gates.min_sample
+    began = status.stage_started_at or now
+    left = max(timedelta(0), began + limits.duration - now)
     results: list[GateResult] = []
     for profile in sorted(grouped):
         results.extend(
-            judge_shadow(profile, grouped[profile], reachable.get(profile, 0), limits, min_sample)
-        )
-    began = status.stage_started_at or now
-    left = max(timedelta(0), began + limits.duration - now)
+            judge_shadow(
+                profile, grouped[profile], reachable.get(profile, 0), limits, min_sample,
+                over=left == timedelta(0),
+            )
+        )  # fmt: skip
     return ShadowPhase(tuple(c[3] for c in stage), tuple(results), left)
