@@ -76,6 +76,7 @@ class Bench:
     max_minutes: float
     shadow_every: int = 0  # 0: no shadow phase
     shadow_duration: str = "10s"
+    shadow_timeout: str = "2m"
     status_every_s: float = 5.0
 
 
@@ -307,7 +308,9 @@ def drive(bench: Bench, fleet: FleetThread, srv: dict[str, Any]) -> str:
             "max_concurrent_downloads": min(bench.devices, 100_000)}  # fmt: skip
     if bench.shadow_every:
         # Every stage shadows first; the MQTT-linked sample reports the agreement.
-        body.update(shadow_every=bench.shadow_every, shadow_duration=bench.shadow_duration)
+        # Only that sample can report, so a profile waits for it until the stage timeout.
+        body.update(shadow_every=bench.shadow_every, shadow_duration=bench.shadow_duration,
+                    timeout=bench.shadow_timeout)
     resp = op.post(srv["url"] + "/api/v1/rollouts", timeout=600, json=body)
     ticks_before, seconds_before = tick_counters(srv["url"], srv["token"])
     resp.raise_for_status()
@@ -349,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=90.0, help="stop the rollout after this")
     p.add_argument("--shadow-every", type=int, default=0, help="shadow 1 frame in N per stage")
     p.add_argument("--shadow-duration", default="10s", help="shortest shadow phase per stage")
+    p.add_argument("--shadow-timeout", default="2m", help="stage timeout when shadowing")
     args = p.parse_args(argv)
     if not 1 <= args.devices <= 100_000:
         p.error("--devices must be within 1..100000")
@@ -358,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         mqtt_devices=min(args.mqtt_devices, args.devices), poll_s=args.poll, tick_s=args.tick,
         soak=args.soak, window_s=args.window, connections=args.connections,
         max_minutes=args.max_minutes, shadow_every=args.shadow_every,
-        shadow_duration=args.shadow_duration,
+        shadow_duration=args.shadow_duration, shadow_timeout=args.shadow_timeout,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         last = run(bench, Path(tmp))

@@ -128,11 +128,11 @@ def test_the_evidence_bound() -> None:
     assert agreement_upper_bound(4, 4) > 0.999 and agreement_upper_bound(0, 0) == 1.0
 
 
-def test_after_its_duration_a_profile_is_judged_on_the_devices_that_reported() -> None:
+def test_after_the_stage_timeout_a_profile_is_judged_on_the_devices_that_reported() -> None:
     early = NOW - timedelta(minutes=10)
     one = {"rpi4-000": report(wrong={2: 60})}
     assert run(shadow_spec(), one, stage_started=early).kind is K.WAIT  # wants 3 devices
-    assert run(shadow_spec(), one).kind is K.PAUSE  # 30 minutes on: judged on the one
+    assert run(shadow_spec(), one).kind is K.PAUSE  # the 1h timeout is over: judged on one
     d = run(shadow_spec(), {})  # nobody could shadow (old agents): said, not held for ever
     assert d.kind is K.SHADOW_PASSED
     assert "not judged: none of 4 devices reported shadow results" in d.reason

@@ -168,7 +168,7 @@ def judge_shadow(
 
     ``expected`` is how many of the stage's devices in this profile could report
     (those heard from lately); the gates wait for ``min(min_sample, expected)`` until
-    the phase's duration is ``over``. After that the profile is judged on the devices
+    the stage's timeout is ``over``. After that the profile is judged on the devices
     that did report, and a profile where none did (agents too old to shadow, or no
     telemetry link) is named as not judged rather than holding the stage for ever.
     """

@@ -5,7 +5,9 @@ its devices are told to run the candidate beside their current model, and
 none is told to install. The phase ends when it has lasted ``duration`` and
 every profile's shadow gates have their sample and pass (the policy then
 records ``shadow_done`` and starts installing), or when a gate trips (the
-rollout pauses; a resume accepts the candidate for that stage). Devices of
+rollout pauses; a resume accepts the candidate for that stage). Devices that
+never report (agents too old to shadow) hold a profile only until the stage's
+timeout, the same one after which a silent device counts as failed. Devices of
 earlier stages still waiting to start are not held back by it.
 """
 
@@ -73,7 +75,7 @@ def shadow_phase(
         results.extend(
             judge_shadow(
                 profile, grouped[profile], reachable.get(profile, 0), limits, min_sample,
-                over=left == timedelta(0),
+                over=now >= began + spec.stages[cur].timeout,
             )
         )  # fmt: skip
     return ShadowPhase(tuple(c[3] for c in stage), tuple(results), left)
