@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from server.rollout.core.policy import DecisionKind, RolloutFacts
+from server.rollout.core.decision import DecisionKind
+from server.rollout.core.policy import RolloutFacts
 from server.rollout.core.spec import RolloutSpec, build_spec
 from server.rollout.core.states import DeviceFacts, InstallStatus, RolloutState, RolloutStatus
 

@@ -188,12 +188,21 @@ class Telemetry:
         return client
 
     def window(self, dev: SimDevice, release: int, *, p95_ms: float, power_mw: float,
-               errors: int = 0, ts: float | None = None) -> None:
+               errors: int = 0, ts: float | None = None, repeat: int = 3,
+               source: str = "sensor") -> None:
+        """``repeat`` identical windows: a gate judges a device from 3 windows on."""
+        for i in range(repeat):
+            self._window(dev, release, p95_ms=p95_ms, power_mw=power_mw,
+                         errors=errors if i == 0 else 0, ts=None if ts is None else ts + i,
+                         source=source)
+
+    def _window(self, dev: SimDevice, release: int, *, p95_ms: float, power_mw: float,
+                errors: int, ts: float | None, source: str) -> None:
         payload = {
             "window_s": 10.0, "inferences": 100, "errors": errors, "fps": 10.0,
             "invoke_ms": {"p50": p95_ms * 0.8, "p90": p95_ms * 0.95, "p95": p95_ms,
                           "p99": p95_ms * 1.1, "max": p95_ms * 1.2, "count": 100},
-            "power": {"mw": power_mw, "source": "sensor"},
+            "power": {"mw": power_mw, "source": source},
             "model": "digits", "release": release, "variant": "int8-cpu", "slot": "a",
             "ts": time.time() if ts is None else ts,
         }

@@ -26,10 +26,12 @@ from server.rollout.core.gates import (
     LATENCY_REGRESSION,
     POWER_REGRESSION,
 )
-from server.rollout.core.policy import decide
+from server.rollout.core.policy import RolloutFacts, decide
 from server.rollout.core.states import (
+    Action,
     DeviceFacts,
     InstallStatus,
+    apply_action,
 )
 
 # --- every gate trips alone, with its name and numbers -------------------------------------
@@ -141,3 +143,49 @@ def test_runtime_errors_fail_a_device_when_limited() -> None:
         K.ADVANCE)
 
 
+
+
+def small(p95: float, base: float) -> list[DeviceFacts]:
+    return [*(dev(i, baseline_p95_ms=base, p95_ms=p95) for i in range(10)), later()]
+
+
+def test_a_regression_must_also_clear_its_absolute_floor() -> None:
+    spec = make_spec(max_latency_regression="10%")
+    # 1.5 ms -> 1.7 ms is +13%, but +0.2 ms is noise for a model this fast.
+    quiet = decide(facts(spec, small(1.7, 1.5)), NOW)
+    assert quiet.kind is K.ADVANCE, quiet.reason
+    gate = next(g for g in quiet.gates if g.name == LATENCY_REGRESSION)
+    assert not gate.tripped and "under the 0.5 ms floor" in gate.detail
+    assert "mean 1.50 -> 1.70 ms" in gate.detail
+    # The same percentage with a real increase trips, and a lower floor trips the first.
+    assert decide(facts(spec, small(17.0, 15.0)), NOW).kind is K.PAUSE
+    strict = make_spec(max_latency_regression="10%", latency_floor_ms="0.1")
+    paused = decide(facts(strict, small(1.7, 1.5)), NOW)
+    assert paused.kind is K.PAUSE
+    # The reason carries the gate's own number and detail.
+    tripped = paused.tripped[0]
+    assert f"{tripped.value:.1f}%" in paused.reason and tripped.detail in paused.reason
+
+
+def test_power_floor() -> None:
+    spec = make_spec(max_power_regression="10%")
+    devices = [*(dev(i, baseline_power_mw=500.0, power_mw=580.0) for i in range(10)), later()]
+    assert decide(facts(spec, devices), NOW).kind is K.ADVANCE  # +80 mW < 100 mW
+    devices = [*(dev(i, baseline_power_mw=5000.0, power_mw=5800.0) for i in range(10)), later()]
+    assert decide(facts(spec, devices), NOW).kind is K.PAUSE
+
+
+def test_a_pause_keeps_its_gates_and_a_resumed_stage_counts_every_success() -> None:
+    spec = make_spec(max_latency_regression="10%", stages="100%")
+    devices = [dev(i, p95_ms=20.0 if i < 3 else 10.0) for i in range(10)]
+    paused = decide(facts(spec, devices), NOW)
+    assert paused.kind is K.PAUSE
+    kept = paused.status.paused_gates
+    assert [g["name"] for g in kept] == [LATENCY_REGRESSION]
+    assert f"{kept[0]['value']:.1f}%" in paused.status.reason  # the number the reason shows
+    resumed = apply_action(paused.status, Action.RESUME, NOW, 1)
+    assert resumed.paused_gates == () and resumed.acknowledged == set(kept[0]["devices"])
+    base = facts(spec, devices)
+    done = decide(RolloutFacts(base.rollout_id, spec, resumed, devices), NOW)
+    assert done.kind is K.COMPLETE
+    assert "10 of 10 devices succeeded; 3 acknowledged by the operator" in done.reason

@@ -66,6 +66,9 @@ class RolloutIn(_OperatorInput):
     min_golden_accuracy: Text | None = None
     max_device_errors: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     min_sample: Annotated[int, Field(ge=1, le=1_000_000)] = 10
+    latency_floor_ms: Text = "0.5"
+    power_floor_mw: Text = "100"
+    gate_estimated_power: bool = False
     max_concurrent_downloads: Annotated[int, Field(ge=1, le=1_000_000)] = 100
     window_cron: Text | None = None
     window_duration: Text | None = None

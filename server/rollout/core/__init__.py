@@ -16,16 +16,9 @@ from server.rollout.core.cohorts import (
     stage_sizes,
 )
 from server.rollout.core.cron import CronExpr, MaintenanceWindow, parse_cron, parse_window
+from server.rollout.core.decision import Decision, DecisionKind, StageProgress
 from server.rollout.core.gates import GateLimits, GateResult
-from server.rollout.core.policy import (
-    Decision,
-    DecisionKind,
-    FactsError,
-    PolicyConfig,
-    RolloutFacts,
-    StageProgress,
-    decide,
-)
+from server.rollout.core.policy import FactsError, PolicyConfig, RolloutFacts, decide
 from server.rollout.core.spec import (
     ReleaseRef,
     RolloutSpec,

@@ -9,7 +9,9 @@ which gate tripped and why.
 - install failure rate: failed installs (failed, rolled back, or silent before
   installing) over finished installs;
 - p95 latency and power regression: sum over devices of the value on the new
-  release over the sum of the same devices' own baselines, minus one;
+  release over the sum of the same devices' own baselines, minus one; it trips
+  only when the mean increase is also above an absolute floor (0.5 ms, 100 mW
+  by default), so a 1.5 ms model measured at 1.7 ms does not pause a fleet;
 - golden-set accuracy: mean of the accuracies the devices report.
 
 A gate is judged once ``min_sample`` devices (or every device that could
@@ -29,6 +31,7 @@ from server.rollout.core.units import (
     HUNDRED,
     format_number,
     parse_fraction,
+    parse_number,
     parse_percent,
     parse_whole,
 )
@@ -56,6 +59,9 @@ class GateLimits:
     min_golden_accuracy: Fraction | None = None  # 0..1
     max_device_errors: int | None = None  # more runtime errors than this: the device failed
     min_sample: int = 10
+    latency_floor_ms: Fraction = Fraction(1, 2)  # mean increase needed besides the percentage
+    power_floor_mw: Fraction = Fraction(100)
+    gate_estimated_power: bool = False  # power from estimates (not sensors) is not gated
 
     def to_json(self) -> dict[str, Any]:
         def pct(value: Fraction | None) -> str | None:
@@ -70,6 +76,9 @@ class GateLimits:
             ),
             "max_device_errors": self.max_device_errors,
             "min_sample": self.min_sample,
+            "latency_floor_ms": format_number(self.latency_floor_ms),
+            "power_floor_mw": format_number(self.power_floor_mw),
+            "gate_estimated_power": self.gate_estimated_power,
         }
 
     @classmethod
@@ -94,6 +103,9 @@ class GateLimits:
             min_golden_accuracy=opt("min_golden_accuracy", parse_fraction, None),
             max_device_errors=opt("max_device_errors", parse_whole, None),
             min_sample=parse_whole(data.get("min_sample", cls.min_sample), "min-sample", minimum=1),
+            latency_floor_ms=parse_number(data.get("latency_floor_ms", "0.5"), "latency-floor-ms"),
+            power_floor_mw=parse_number(data.get("power_floor_mw", "100"), "power-floor-mw"),
+            gate_estimated_power=data.get("gate_estimated_power", False) is True,
         )
 
 
@@ -174,11 +186,12 @@ def _fmt(value: float, unit: str) -> str:
 class RegressionSums:
     """One regression gate's running sums: devices' values against their own baselines."""
 
-    __slots__ = ("bad", "base", "cur", "n", "possible")
+    __slots__ = ("bad", "base", "cur", "floor", "n", "possible")
 
-    def __init__(self) -> None:
+    def __init__(self, floor: float = 0.0) -> None:
         self.possible = self.n = 0  # devices with a baseline; those that also reported
         self.base = self.cur = 0.0
+        self.floor = floor  # absolute increase a device (and the mean) must exceed
         self.bad: list[str] = []
 
     def add(self, device_id: str, base: float | None, value: float | None, factor: float) -> None:
@@ -189,8 +202,12 @@ class RegressionSums:
             self.n += 1
             self.base += base
             self.cur += value
-            if value > base * factor:
+            if value > base * factor and value - base > self.floor:
                 self.bad.append(device_id)
+
+    @property
+    def mean_increase(self) -> float:
+        return (self.cur - self.base) / self.n if self.n else 0.0
 
 
 class ProfileStats:
@@ -208,11 +225,11 @@ class ProfileStats:
         "started",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, latency_floor: float = 0.0, power_floor: float = 0.0) -> None:
         self.started = self.finished = 0
         self.install_failed: list[str] = []
-        self.latency = RegressionSums()
-        self.power = RegressionSums()
+        self.latency = RegressionSums(latency_floor)
+        self.power = RegressionSums(power_floor)
         self.acc_eval = self.acc_n = 0
         self.acc_sum = 0.0
         self.acc_bad: list[str] = []
@@ -242,6 +259,8 @@ class Factors:
     latency: float | None
     power: float | None
     accuracy: float | None
+    latency_floor: float = 0.0
+    power_floor: float = 0.0
 
     @classmethod
     def of(cls, gates: GateLimits) -> Factors:
@@ -253,6 +272,8 @@ class Factors:
             rise(gates.max_latency_regression),
             rise(gates.max_power_regression),
             None if acc is None else float(acc),
+            float(gates.latency_floor_ms),
+            float(gates.power_floor_mw),
         )
 
 
@@ -289,17 +310,24 @@ def _install_failure(
 
 
 def _regression(
-    name: str, profile: str, limit: Fraction, sums: RegressionSums, min_sample: int
+    name: str, profile: str, limit: Fraction, sums: RegressionSums, min_sample: int, *, unit: str
 ) -> GateResult:
     needed = _needed(min_sample, sums.possible)
     if sums.n == 0 or sums.n < needed:
         return _pending(name, profile, float(limit), "max", sample=sums.n, needed=needed)
-    tripped = Fraction(sums.cur) > Fraction(sums.base) * (1 + limit / HUNDRED)
+    increase = sums.mean_increase
+    over = Fraction(sums.cur) > Fraction(sums.base) * (1 + limit / HUNDRED)
+    tripped = over and increase > sums.floor
+    detail = (
+        f"{sums.n} devices against their own baseline: mean {sums.base / sums.n:.2f} -> "
+        f"{sums.cur / sums.n:.2f} {unit}"
+    )
+    if over and not tripped:
+        detail += f"; under the {sums.floor:g} {unit} floor"
     return GateResult(
         name=name, profile=profile, value=(sums.cur / sums.base - 1.0) * 100.0,
         limit=float(limit), unit="%", bound="max", tripped=tripped, sample=sums.n,
-        needed=needed, devices=_named(tripped, sums.bad),
-        detail=f"{sums.n} devices against their own baseline",
+        needed=needed, devices=_named(tripped, sums.bad), detail=detail,
     )  # fmt: skip
 
 
@@ -333,11 +361,20 @@ def judge_profile(profile: str, stats: ProfileStats, gates: GateLimits) -> list[
         results.append(_install_failure(profile, gates.max_install_failure, stats, n))
     if gates.max_latency_regression is not None:
         results.append(
-            _regression(LATENCY_REGRESSION, profile, gates.max_latency_regression, stats.latency, n)
+            _regression(
+                LATENCY_REGRESSION,
+                profile,
+                gates.max_latency_regression,
+                stats.latency,
+                n,
+                unit="ms",
+            )
         )
     if gates.max_power_regression is not None:
         results.append(
-            _regression(POWER_REGRESSION, profile, gates.max_power_regression, stats.power, n)
+            _regression(
+                POWER_REGRESSION, profile, gates.max_power_regression, stats.power, n, unit="mW"
+            )
         )
     if gates.min_golden_accuracy is not None:
         results.append(_golden_accuracy(profile, gates.min_golden_accuracy, stats, n))

@@ -25,14 +25,13 @@ Rules, in order:
 
 from __future__ import annotations
 
-import enum
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
 
 from server.errors import ServerError
+from server.rollout.core.decision import Decision, DecisionKind, StageProgress
 from server.rollout.core.gates import (
     ERROR_THRESHOLD,
     SUCCESS_THRESHOLD,
@@ -74,59 +73,6 @@ class RolloutFacts:
     shadow: Mapping[str, ShadowReport] = field(default_factory=dict)  # device -> its report
 
 
-class DecisionKind(str, enum.Enum):
-    NONE = "none"  # draft, paused, awaiting approval or final: nothing changes
-    WAIT = "wait"  # running; maybe starting devices
-    ADVANCE = "advance"
-    AWAIT_APPROVAL = "await_approval"
-    SHADOW_PASSED = "shadow_passed"  # the stage's shadow phase passed; installs start next
-    PAUSE = "pause"
-    COMPLETE = "complete"
-
-
-@dataclass(frozen=True)
-class StageProgress:
-    stage: int
-    devices: int
-    not_started: int
-    in_flight: int
-    succeeded: int
-    failed: int  # silent ones included
-    silent: int
-    acknowledged: int
-
-    def to_json(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class Decision:
-    kind: DecisionKind
-    status: RolloutStatus  # store this (it equals the input status when nothing changed)
-    start: tuple[str, ...]  # tell these devices to install now, in this order
-    reason: str
-    tripped: tuple[GateResult, ...]
-    gates: tuple[GateResult, ...]
-    progress: tuple[StageProgress, ...]
-    waiting: tuple[str, ...]  # why the stage has not passed yet
-    window_open: bool
-    shadow: tuple[str, ...] = ()  # devices that should shadow the candidate now
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind.value,
-            "status": self.status.to_json(),
-            "start": list(self.start),
-            "reason": self.reason,
-            "tripped": [g.to_json() for g in self.tripped],
-            "gates": [g.to_json() for g in self.gates],
-            "progress": [p.to_json() for p in self.progress],
-            "waiting": list(self.waiting),
-            "window_open": self.window_open,
-            "shadowing": len(self.shadow),
-        }
-
-
 _FAILED = (InstallStatus.FAILED, InstallStatus.ROLLED_BACK)
 _ACTIVE = (RolloutState.RUNNING, RolloutState.AWAITING_APPROVAL)
 
@@ -143,7 +89,8 @@ class _Tally:
             self.failed,
             self.silent,
             self.acked,
-        ) = ([0] * n_stages for _ in range(7))
+            self.acked_ok,
+        ) = ([0] * n_stages for _ in range(8))
         self.profiles: dict[str, ProfileStats] = {}
         self.failed_ids: list[list[str]] = [[] for _ in range(n_stages)]
         self.candidates: list[Candidate] = []  # (stage, silent, rank, id, profile)
@@ -175,6 +122,7 @@ class _Tally:
             total[s] += 1
             if ack and device_id in ack:
                 self.acked[s] += 1
+                self.acked_ok[s] += state is installed  # acknowledged, yet it installed
                 continue
             cutoff = cutoffs[s]
             if started is None:
@@ -188,7 +136,7 @@ class _Tally:
             quiet = started < cutoff and (seen is None or seen < cutoff)
             g = profiles.get(profile)
             if g is None:
-                g = profiles[profile] = ProfileStats()
+                g = profiles[profile] = ProfileStats(factors.latency_floor, factors.power_floor)
             g.started += 1
             if state is installed:
                 g.finished += 1
@@ -307,8 +255,9 @@ def decide(facts: RolloutFacts, now: datetime, config: PolicyConfig = PolicyConf
         held = sorted({device for r in tripped for device in r.devices})
         by_shadow = any(r.name in SHADOW_GATES for r in tripped)
         new = apply_event(
-            status, EngineEvent.GATE_TRIPPED, now, reason, held_devices=held, shadow=by_shadow
-        )
+            status, EngineEvent.GATE_TRIPPED, now, reason, held_devices=held, shadow=by_shadow,
+            gates=[r.to_json() for r in tripped],
+        )  # fmt: skip
         return make(DecisionKind.PAUSE, new, reason)
     if status.state is RolloutState.AWAITING_APPROVAL:
         return make(DecisionKind.NONE, status, status.reason)
@@ -381,7 +330,13 @@ def _pass_stage(
     later = next(
         (j for j in range(cur + 1, len(tally.total)) if tally.total[j] - tally.acked[j] > 0), None
     )
-    done = f"{where} passed ({tally.succeeded[cur]} of {size} devices succeeded)"
+    ok, total, acked = (
+        tally.succeeded[cur] + tally.acked_ok[cur],
+        tally.total[cur],
+        tally.acked[cur],
+    )
+    noted = f"; {acked} acknowledged by the operator" if acked else ""
+    done = f"{where} passed ({ok} of {total} devices succeeded{noted})"
     if later is None:
         new = apply_event(status, EngineEvent.FINISHED, now, f"{done}; rollout complete")
         return DecisionKind.COMPLETE, new

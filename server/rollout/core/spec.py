@@ -260,6 +260,11 @@ class RolloutSpec:
     variants: tuple[tuple[str, str], ...] = field(default=())  # (profile, variant)
     shadow: ShadowLimits | None = None  # each stage shadows the candidate before installing
 
+    @property
+    def gates_estimates(self) -> bool:
+        """Power gates also count estimated power (by default only sensors are gated)."""
+        return any(stage.gates.gate_estimated_power for stage in self.stages)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "shadow": None if self.shadow is None else self.shadow.to_json(),
@@ -362,6 +367,9 @@ def build_spec(
     min_golden_accuracy: str | None = None,
     max_device_errors: int | None = None,
     min_sample: int = 10,
+    latency_floor_ms: str = "0.5",
+    power_floor_mw: str = "100",
+    gate_estimated_power: bool = False,
     max_concurrent_downloads: int = 100,
     window_cron: str | None = None,
     window_duration: str | None = None,
@@ -389,6 +397,9 @@ def build_spec(
             "min_golden_accuracy": min_golden_accuracy,
             "max_device_errors": max_device_errors,
             "min_sample": min_sample,
+            "latency_floor_ms": latency_floor_ms,
+            "power_floor_mw": power_floor_mw,
+            "gate_estimated_power": gate_estimated_power,
         },
     }
     sizes = parse_stage_sizes(stages, limits)

@@ -134,6 +134,8 @@ class RolloutStatus:
     acknowledged: frozenset[str] = frozenset()
     shadow_done: int = -1  # the last stage whose shadow phase is over
     shadow_tripped: bool = False  # paused by a shadow gate: a resume accepts the candidate
+    # The gates that paused it, as they stood then (later ticks keep the live table current).
+    paused_gates: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -147,6 +149,7 @@ class RolloutStatus:
             "acknowledged": sorted(self.acknowledged),
             "shadow_done": self.shadow_done,
             "shadow_tripped": self.shadow_tripped,
+            "paused_gates": list(self.paused_gates),
         }
 
     @classmethod
@@ -167,6 +170,7 @@ class RolloutStatus:
                 acknowledged=frozenset(str(d) for d in data.get("acknowledged", ())),
                 shadow_done=int(data.get("shadow_done", -1)),
                 shadow_tripped=bool(data.get("shadow_tripped", False)),
+                paused_gates=tuple(g for g in data.get("paused_gates", ()) if isinstance(g, dict)),
             )
         except (KeyError, ValueError, TypeError) as err:
             raise InvalidInputError(f"rollout status is invalid: {err}") from err
@@ -200,6 +204,7 @@ def apply_action(
             acknowledged=status.acknowledged | status.held_devices,
             shadow_done=status.stage_index if accepted else status.shadow_done,
             shadow_tripped=False,
+            paused_gates=(),
         )
     return replace(status, state=new, reason=f"{new.value} by operator", held_devices=frozenset())
 
@@ -213,6 +218,7 @@ def apply_event(
     next_stage: int | None = None,
     held_devices: Iterable[str] = (),
     shadow: bool = False,
+    gates: Iterable[dict[str, Any]] = (),
 ) -> RolloutStatus:
     """An engine event applied to the stored status (or a TransitionError)."""
     new = next_state(status.state, event)
@@ -228,6 +234,7 @@ def apply_event(
         reason=reason,
         held_devices=frozenset(held_devices),
         shadow_tripped=shadow and event is E.GATE_TRIPPED,
+        paused_gates=tuple(gates) if event is E.GATE_TRIPPED else (),
     )
 
 

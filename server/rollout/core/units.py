@@ -33,6 +33,11 @@ def _number(text: str, what: str, expected: str) -> Fraction:
     return Fraction(text)
 
 
+def parse_number(value: object, what: str) -> Fraction:
+    """A plain non-negative decimal such as ``"0.5"`` or ``100``."""
+    return _number(text_of(value, what), what, "a number like 0.5")
+
+
 def format_number(value: Fraction) -> str:
     return str(Decimal(value.numerator) / Decimal(value.denominator))
 

@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 
 from server.db.tables import Assignment, Database, Device, utcnow
 from server.errors import ServerError
-from server.rollout.core.policy import Decision, DecisionKind, RolloutFacts, decide
+from server.rollout.core.decision import Decision, DecisionKind
+from server.rollout.core.policy import RolloutFacts, decide
 from server.rollout.core.spec import RolloutSpec
 from server.rollout.core.states import EngineEvent, InstallStatus, RolloutState
 from server.rollout.service import measurements, shadow_store
@@ -105,7 +106,7 @@ def start_devices(
         for d, (n, r, _) in previous.items()
         if n is not None and r is not None and (n, r) != target
     }
-    base = measurements.baselines(s, before, now, cfg)
+    base = measurements.baselines(s, before, now, cfg, sensor_only=not spec.gates_estimates)
     rows = []
     for device_id in started:
         name, release, variant = previous.get(device_id, (None, None, None))

@@ -200,7 +200,9 @@ def collect(
         cursor = settled_cursor(s, row.event_cursor, wall_now - cfg.event_settle)
         if cursor != row.event_cursor:
             row.event_cursor = cursor
-    measured = measurements.current(s, row.id, match)
+    measured = measurements.current(
+        s, row.id, match, min_windows=cfg.min_gate_windows, sensor_only=not spec.gates_estimates
+    )
     previous = snap.measured
     for device_id in previous.keys() | measured.keys():
         if previous.get(device_id) != measured.get(device_id) and device_id in devices:

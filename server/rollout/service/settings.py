@@ -32,6 +32,7 @@ class ServiceConfig:
     # tick holds the rollout's lock for a minute (devices learn at their next check-in).
     max_starts_per_tick: int = 2000
     baseline_lookback: timedelta = timedelta(hours=6)  # telemetry before the update counted
+    min_gate_windows: int = 3  # telemetry windows behind a device's latency or power figure
     rollup_bucket: timedelta = timedelta(seconds=60)  # must match ServerConfig.rollup_bucket_s
     in_chunk: int = 500  # ids per ``IN (...)`` list: under SQLite's bound-parameter limit
     insert_chunk: int = 1000  # rows per executemany batch

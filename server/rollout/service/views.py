@@ -19,6 +19,7 @@ from server.rollout.core.states import RolloutState
 from server.rollout.core.units import format_duration
 from server.rollout.service import measurements
 from server.rollout.service.records import spec_of, status_of
+from server.rollout.service.settings import DEFAULT_CONFIG
 from server.rollout.service.signals import ReleaseMatch
 from server.rollout.service.tables import Rollout, RolloutDevice, RolloutHistory
 
@@ -154,7 +155,12 @@ def devices(
         query = query.where(rd.status == status)
     members = list(s.scalars(query.order_by(rd.rank).limit(limit).offset(offset)))
     match = ReleaseMatch(row.name, row.release)
-    measured = measurements.current(s, row.id, match, [m.device_id for m in members])
+    # The same figures the gates judge: enough windows, sensor power unless estimates are gated.
+    measured = measurements.current(
+        s, row.id, match, [m.device_id for m in members],
+        min_windows=DEFAULT_CONFIG.min_gate_windows,
+        sensor_only=not spec_of(row).gates_estimates,
+    )  # fmt: skip
     out = []
     for m in members:
         now = measured.get(m.device_id)
