@@ -42,7 +42,16 @@ from sqlalchemy.orm import Session
 
 from agent.protocol.api import DesiredTarget, InstalledModel
 from agent.protocol.manifest import model_target_path
-from server.db.tables import Assignment, Base, Device, Event, Model, ShadowAssignment, utcnow
+from server.db.tables import (
+    Assignment,
+    Base,
+    Device,
+    Event,
+    Model,
+    RolloutVariant,
+    ShadowAssignment,
+    utcnow,
+)
 from server.errors import AuthError, ForbiddenError
 from server.telemetry.bandwidth import record_download
 
@@ -59,6 +68,7 @@ ASSIGNMENTS = _table(Assignment)
 MODELS = _table(Model)
 EVENTS = _table(Event)
 SHADOWS = _table(ShadowAssignment)
+FORCED = _table(RolloutVariant)
 
 _CHECKIN_COLUMNS = (
     "state",
@@ -91,15 +101,26 @@ def _newest(priority: int, *where: Any) -> Select[Any]:
     """
     a = ASSIGNMENTS.c
     newest = (
-        select(literal_column(str(priority), Integer).label("priority"), a.name, a.release)
+        select(
+            literal_column(str(priority), Integer).label("priority"),
+            a.name,
+            a.release,
+            a.rollout_id,
+        )
         .where(*where)
         .order_by(a.id.desc())
         .limit(1)
         .subquery()
     )
-    m = MODELS.c
-    joined = newest.outerjoin(MODELS, and_(m.name == newest.c.name, m.release == newest.c.release))
-    return select(newest.c.priority, newest.c.name, newest.c.release, m.variant).select_from(joined)
+    m, f = MODELS.c, FORCED.c
+    joined = newest.outerjoin(
+        MODELS, and_(m.name == newest.c.name, m.release == newest.c.release)
+    ).outerjoin(
+        FORCED, and_(f.rollout_id == newest.c.rollout_id, f.profile == bindparam("profile"))
+    )
+    return select(
+        newest.c.priority, newest.c.name, newest.c.release, m.variant, f.variant.label("forced")
+    ).select_from(joined)
 
 
 # Built once: building and cache-keying a statement per request costs more than running it.
@@ -108,7 +129,7 @@ _CHECKIN = (
     sql_update(DEVICES)
     .where(DEVICES.c.token_hash == bindparam("digest"), DEVICES.c.id == bindparam("device"))
     .values({name: bindparam(f"new_{name}") for name in _CHECKIN_COLUMNS})
-    .returning(DEVICES.c.tags, DEVICES.c.variant_preference)
+    .returning(DEVICES.c.tags, DEVICES.c.variant_preference, DEVICES.c.profile)
 )
 _BY_DEVICE = _newest(
     0, ASSIGNMENTS.c.target_kind == "device", ASSIGNMENTS.c.target_value == bindparam("device")
@@ -123,10 +144,16 @@ _BY_DEVICE_OR_TAG = union_all(
 )
 _ADD_EVENT = insert(EVENTS)
 _SHADOW = (
-    select(SHADOWS, MODELS.c.variant)
+    select(SHADOWS, MODELS.c.variant, FORCED.c.variant.label("forced"))
     .select_from(
         SHADOWS.outerjoin(
             MODELS, and_(MODELS.c.name == SHADOWS.c.name, MODELS.c.release == SHADOWS.c.release)
+        ).outerjoin(
+            FORCED,
+            and_(
+                FORCED.c.rollout_id == SHADOWS.c.rollout_id,
+                FORCED.c.profile == bindparam("profile"),
+            ),
         )
     )
     .where(SHADOWS.c.device_id == bindparam("device"))
@@ -182,9 +209,9 @@ def checkin(
     row = conn.execute(_CHECKIN, {"digest": token_hash, "device": device_id, **params}).first()
     if row is None:
         raise _refusal(conn, device_id, token_hash)
-    tags, preference = row
-    desired = resolve(conn, device_id, tags, preference)
-    return CheckinAnswer(desired, shadow_of(conn, device_id, preference, installed))
+    tags, preference, profile = row
+    desired = resolve(conn, device_id, tags, preference, profile)
+    return CheckinAnswer(desired, shadow_of(conn, device_id, preference, installed, profile))
 
 
 def shadow_of(
@@ -192,17 +219,19 @@ def shadow_of(
     device_id: str,
     preference: Sequence[str],
     installed: InstalledModel | None = None,
+    profile: str = "",
 ) -> dict[str, Any] | None:
-    """The candidate this device should shadow, in the variant it prefers; None when
-    there is none, no variant fits, or it already runs that release."""
-    rows = conn.execute(_SHADOW, {"device": device_id}).all()
+    """The candidate this device should shadow, in the variant it would install; None
+    when there is none, no variant fits, or it already runs that release."""
+    rows = conn.execute(_SHADOW, {"device": device_id, "profile": profile}).all()
     if not rows:
         return None
     first = rows[0]
     if installed is not None and (installed.name, installed.release) == (first.name, first.release):
         return None
     published = {r.variant for r in rows if r.variant}
-    variant = next((v for v in preference if v in published), None)
+    order = [first.forced] if first.forced is not None else preference
+    variant = next((v for v in order if v in published), None)
     if variant is None:
         return None
     return {
@@ -217,21 +246,28 @@ def shadow_of(
 
 
 def resolve(
-    conn: Connection, device_id: str, tags: dict[str, str], preference: Sequence[str]
+    conn: Connection,
+    device_id: str,
+    tags: dict[str, str],
+    preference: Sequence[str],
+    profile: str = "",
 ) -> DesiredTarget | None:
     """Newest device assignment, else newest assignment to one of its tags; then the
-    first variant of ``preference`` that release publishes. One SELECT."""
+    variant its rollout set for the device's profile, else the first variant of
+    ``preference`` that release publishes. One SELECT."""
     selectors = [f"{k}={v}" for k, v in tags.items()]
+    params = {"device": device_id, "profile": profile}
     if selectors:
-        rows = conn.execute(_BY_DEVICE_OR_TAG, {"device": device_id, "selectors": selectors})
+        rows = conn.execute(_BY_DEVICE_OR_TAG, {**params, "selectors": selectors})
     else:
-        rows = conn.execute(_BY_DEVICE, {"device": device_id})
+        rows = conn.execute(_BY_DEVICE, params)
     chosen = sorted(rows, key=lambda r: int(r.priority))
     if not chosen:
         return None
     name, release = chosen[0].name, chosen[0].release
     published = {r.variant for r in chosen if r.priority == chosen[0].priority and r.variant}
-    for variant in preference:
+    forced = chosen[0].forced
+    for variant in [forced] if forced is not None else preference:
         if variant in published:
             return DesiredTarget(
                 target_path=model_target_path(name, release, variant),

@@ -129,6 +129,17 @@ class Assignment(Base):
     rollout_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
+class RolloutVariant(Base):
+    """The variant a rollout sends to one board profile (``--variant PROFILE=VARIANT``);
+    the check-in serves it instead of the device's own first choice."""
+
+    __tablename__ = "rollout_variants"
+
+    rollout_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    profile: Mapped[str] = mapped_column(String(64), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(32))
+
+
 class ShadowAssignment(Base):
     """A candidate a device should run in shadow beside its model (one per device).
 

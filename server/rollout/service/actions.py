@@ -23,7 +23,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from agent.protocol.manifest import model_target_path, release_target_prefix
 from server.db import queries
-from server.db.tables import Assignment, Database, Device, Event, utcnow
+from server.db.tables import Assignment, Database, Device, Event, RolloutVariant, utcnow
 from server.errors import ConflictError, InvalidInputError, NotFoundError
 from server.rollout.core.cohorts import assign_cohorts
 from server.rollout.core.spec import RolloutSpec
@@ -151,6 +151,11 @@ def _start(
     ]
     for at in range(0, len(rows), cfg.insert_chunk):
         s.execute(insert(RolloutDevice), rows[at : at + cfg.insert_chunk])
+    if spec.variants:  # the check-in serves these instead of each device's own first choice
+        s.execute(
+            insert(RolloutVariant),
+            [{"rollout_id": row.id, "profile": p, "variant": v} for p, v in spec.variants],
+        )
     row.devices = len(rows)
     # Reports from before the start are not about this rollout.
     row.event_cursor = int(s.scalar(select(func.max(Event.id))) or 0)
