@@ -30,6 +30,7 @@ from agent.transport.mqtt import MqttSettings, Publisher
 from agent.transport.outbox import Outbox, OutboxConfig
 from agent.update.download import DownloadError, DownloadLimits
 from agent.update.fetch import FetchLimits, TufFetcher
+from agent.update.golden_cache import GoldenCache
 from agent.update.shadow_fetch import ShadowFetcher
 from agent.update.slots import SlotStore
 from agent.update.smoke import RuntimeChoice, golden_set_problem, score_golden_set, smoke_test
@@ -137,6 +138,9 @@ class Agent:
         )
         fetcher = TufFetcher(trust, server, limits, current=self._current_model)
         self.shadow_fetcher = ShadowFetcher(fetcher, cfg.state_dir / "shadow")
+        self.trust = trust
+        self.golden = GoldenCache(fetcher, cfg.state_dir / "golden")
+        self._metadata_mark = 0  # trust.bytes_fetched already reported
         # The candidate last tried and the serving model's generation then: tried once
         # per pair, so a failed candidate is not fetched again at every check-in.
         self._shadow_key: tuple[ShadowTarget, int] | None = None
@@ -160,11 +164,13 @@ class Agent:
     def _smoke_test(self, path: Path, manifest: ModelManifest) -> None:
         """Golden output first, then the release's golden set when it ships one."""
         smoke_test(path, manifest, self.choice)
-        fetcher = self.updater.fetcher
-        assert isinstance(fetcher, TufFetcher)
-        scored = score_golden_set(
-            path, manifest, self.choice, fetcher.fetch_aux, self.updater.staging
-        )
+        golden_before = self.golden.downloaded
+        try:
+            scored = score_golden_set(
+                path, manifest, self.choice, self.golden.fetch, self.updater.staging
+            )
+        finally:
+            self._report_aux(manifest, self.golden.downloaded - golden_before)
         if scored is None:
             return
         spec, result = scored
@@ -177,6 +183,18 @@ class Agent:
         problem = golden_set_problem(spec, result)
         if problem:
             raise SmokeTestError(problem)
+
+    def _report_aux(self, manifest: ModelManifest, golden_bytes: int) -> None:
+        """What the update cost besides the model: its golden set (0 when already held)
+        and the TUF metadata fetched since the last report; counted by the server."""
+        metadata = self.trust.bytes_fetched - self._metadata_mark
+        self._metadata_mark = self.trust.bytes_fetched
+        self._report("download", "aux", {
+            "update_id": f"{self.updater.record.update_id}:aux"[:64], "via": "aux",
+            "name": manifest.name, "release": manifest.release, "variant": manifest.variant,
+            "bytes_downloaded": golden_bytes + metadata, "target_bytes": 0,
+            "golden_set_bytes": golden_bytes, "metadata_bytes": metadata,
+        })  # fmt: skip
 
     def _current_model(self) -> tuple[str, Path] | None:
         """The running model's sha256 and file: the base a delta is made against."""

@@ -7,6 +7,7 @@ second a camera-space set (uint8 at another size) for a model trained on
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ import numpy as np
 import pytest
 import requests
 from fleet_helpers import FIXTURES, Operator, enroll_agent
+from sqlalchemy import select
 
 from agent.inference.scoring import GoldenSetSpec
 from agent.protocol.input_options import ContractOptions
 from server.db import queries
+from server.db.tables import Event
 from server.publish.golden_sets import golden_set_path
 from server.publish.registry import publish_model
 
@@ -99,9 +102,25 @@ def test_golden_set_is_scored_on_publish_and_on_the_device(
         assert agent.checkin_once() is False
         assert agent.updater.installed().release == 1  # type: ignore[union-attr]
         assert "golden-set accuracy" in (agent.updater.record.reason or "")
+        agent.flush_events()
+        # Release 2 ships the same set: held by content, so not downloaded again; each
+        # update's golden set and metadata bytes are counted with it.
+        with srv.db.session() as s:
+            rows = s.scalars(select(Event).where(
+                Event.device_id == agent.identity.device_id, Event.type == "download",
+                Event.state == "aux", Event.source == "http"))
+            aux = {e.detail["release"]: e.detail for e in rows}
+        size = npz.stat().st_size
+        assert aux[1]["golden_set_bytes"] == size and aux[1]["metadata_bytes"] > 0
+        assert aux[2]["golden_set_bytes"] == 0 and aux[2]["metadata_bytes"] > 0
+        fleet = op.call("GET", "/api/v1/bandwidth")["fleet"]
+        assert fleet["updates"] == 2
+        assert fleet["aux_bytes"] == size + aux[1]["metadata_bytes"] + aux[2]["metadata_bytes"]
+        assert fleet["bytes_sent"] >= fleet["aux_bytes"] + size // 10
     finally:
         agent.stop()
-    assert golden_set_path("digits", 1, "int8-cpu") in srv.repo.targets()
+    digest = hashlib.sha256(npz.read_bytes()).hexdigest()
+    assert golden_set_path("digits", digest) in srv.repo.targets()
 
 
 def test_camera_space_set_is_scored_through_the_signed_contract_on_the_device(

@@ -114,6 +114,11 @@ class TufFetcher:
         )
         return result.bytes_transferred
 
+    def target_info(self, target_path: str) -> TargetInfo:
+        """Signed facts about a target, from freshly refreshed metadata."""
+        self.trust.refresh()
+        return self.trust.target_info(target_path)
+
     def fetch_aux(self, target_path: str, dest: Path, max_bytes: int = 64 * 1024 * 1024) -> Path:
         """A small signed companion file (a golden set): TUF-verified, bounded."""
         self.trust.refresh()

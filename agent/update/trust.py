@@ -55,7 +55,9 @@ class TrustLimits:
 
 
 @functools.cache
-def _session_fetcher() -> Callable[[requests.Session, TrustLimits], FetcherInterface]:
+def _session_fetcher() -> Callable[
+    [requests.Session, TrustLimits, Callable[[int], None]], FetcherInterface
+]:
     """The fetcher class, built on first use: importing tuf.ngclient loads python-tuf's
     metadata and crypto stack (~10 MB RSS), which an agent that is not updating never needs."""
     from tuf.ngclient.fetcher import FetcherInterface  # noqa: PLC0415
@@ -63,9 +65,12 @@ def _session_fetcher() -> Callable[[requests.Session, TrustLimits], FetcherInter
     class _SessionFetcher(FetcherInterface):
         """python-tuf fetcher over a requests session (shared headers, proxies, TLS)."""
 
-        def __init__(self, session: requests.Session, limits: TrustLimits) -> None:
+        def __init__(
+            self, session: requests.Session, limits: TrustLimits, count: Callable[[int], None]
+        ) -> None:
             self._session = session
             self._limits = limits
+            self._count = count  # bytes received, for the bandwidth report
 
         def _fetch(self, url: str) -> Iterator[bytes]:
             response = self._session.get(url, stream=True, timeout=self._limits.timeout_s)
@@ -78,7 +83,9 @@ def _session_fetcher() -> Callable[[requests.Session, TrustLimits], FetcherInter
 
         def _chunks(self, response: requests.Response) -> Iterator[bytes]:
             try:
-                yield from response.iter_content(self._limits.chunk_size)
+                for chunk in response.iter_content(self._limits.chunk_size):
+                    self._count(len(chunk))
+                    yield chunk
             except requests.RequestException as err:
                 raise tuf_exc.DownloadError(f"connection lost: {err}") from err
             finally:
@@ -119,6 +126,10 @@ class TrustClient:
         self._session = session or requests.Session()
         self._limits = limits or TrustLimits()
         self._updater: Updater | None = None
+        self.bytes_fetched = 0  # metadata bytes received, since this client was made
+
+    def _count(self, n: int) -> None:
+        self.bytes_fetched += n
 
     @property
     def metadata_url(self) -> str:
@@ -147,7 +158,7 @@ class TrustClient:
                 str(self.metadata_dir),
                 self.metadata_url,
                 target_base_url=self.targets_url,
-                fetcher=_session_fetcher()(self._session, limits),
+                fetcher=_session_fetcher()(self._session, limits, self._count),
                 config=config,
                 bootstrap=self._pinned_root,
             )

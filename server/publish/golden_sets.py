@@ -9,6 +9,7 @@ The format is in docs/data-sets.md.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 MAX_GOLDEN_SET_BYTES = 64 * 1024 * 1024
 
 
-def golden_set_path(name: str, release: int, variant: str) -> str:
-    return f"golden/{name}/{release}/{variant}.npz"
+def golden_set_path(name: str, digest: str) -> str:
+    """Content-addressed: a set unchanged between releases is one target, so devices that
+    already hold it (by hash) download nothing."""
+    return f"golden/{name}/sha256-{digest}.npz"
 
 
 def prepare_golden_set(
@@ -77,7 +80,7 @@ def prepare_golden_set(
             f"the model scores {result.accuracy:.4f} on its own golden set, below the "
             f"minimum {min_accuracy:.4f} it declares; refusing to publish"
         )
-    path = golden_set_path(name, release, variant)
+    path = golden_set_path(name, hashlib.sha256(npz_path.read_bytes()).hexdigest())
     repo.add_target(path, npz_path, {"kind": "golden_set", "name": name, "release": release})
     spec = GoldenSetSpec(path, min_accuracy, result.count, round(result.accuracy, 6))
     log.info(

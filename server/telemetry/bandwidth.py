@@ -2,7 +2,10 @@
 
 Devices report one ``download`` event per update (over MQTT and HTTP, so it
 may arrive twice); rows are keyed by (device, update id) and a repeat is
-ignored. The summary is computed in SQL so it stays cheap for a large fleet.
+ignored. A second report with ``via`` = ``aux`` counts what else the update
+cost: its golden set (0 when the device already held that content) and the TUF
+metadata it fetched; those bytes are sent bytes, but not an update of their
+own. The summary is computed in SQL so it stays cheap for a large fleet.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def parse_report(detail: Any) -> dict[str, Any] | None:
     if isinstance(detail.get("detail"), dict) and "update_id" not in detail:
         detail = detail["detail"]  # MQTT events carry the report one level down
     update_id, via = detail.get("update_id"), detail.get("via")
-    if not isinstance(update_id, str) or via not in ("delta", "full"):
+    if not isinstance(update_id, str) or via not in ("delta", "full", "aux"):
         return None
     name, variant = detail.get("name"), detail.get("variant")
     if not isinstance(name, str) or not isinstance(variant, str):
@@ -103,9 +106,10 @@ class Totals:
     updates: int
     deltas: int
     fallbacks: int
-    bytes_sent: int
+    bytes_sent: int  # model bytes and aux bytes
     full_int8_bytes: int
     fp32_bytes: int | None
+    aux_bytes: int = 0  # golden sets and TUF metadata
 
     def to_json(self, price_per_gb: float) -> dict[str, Any]:
         def saving(reference: int | None) -> float | None:
@@ -120,6 +124,7 @@ class Totals:
             "deltas": self.deltas,
             "fallbacks": self.fallbacks,
             "bytes_sent": self.bytes_sent,
+            "aux_bytes": self.aux_bytes,
             "full_int8_bytes": self.full_int8_bytes,
             "fp32_bytes": self.fp32_bytes,
             "saving_vs_int8": saving(self.full_int8_bytes),
@@ -137,14 +142,16 @@ class Totals:
 
 def _totals_query(*group: Any) -> Any:
     fp32_known = func.sum(Download.fp32_bytes)
+    aux = Download.via == "aux"
     return select(
         *group,
-        func.count(),
+        func.sum(case((aux, 0), else_=1)),
         func.sum(case((Download.via == "delta", 1), else_=0)),
         func.count(Download.fallback),
         func.sum(Download.bytes_downloaded),
         func.sum(Download.target_bytes),
         fp32_known,
+        func.sum(case((aux, Download.bytes_downloaded), else_=0)),
     )
 
 
@@ -157,6 +164,7 @@ def _totals(row: Any, offset: int) -> Totals:
         bytes_sent=int(values[3] or 0),
         full_int8_bytes=int(values[4] or 0),
         fp32_bytes=int(values[5]) if values[5] is not None else None,
+        aux_bytes=int(values[6] or 0),
     )
 
 
