@@ -12,6 +12,7 @@ _COLUMNS = (
     ("updates", "updates"),
     ("deltas", "deltas"),
     ("sent", "sent"),
+    ("of which aux", "aux"),
     ("full INT8", "int8"),
     ("FP32", "fp32"),
     ("saved vs INT8", "saving_int8"),
@@ -35,6 +36,7 @@ def _row(label: str, totals: dict[str, Any]) -> dict[str, Any]:
         "updates": totals["updates"],
         "deltas": totals["deltas"],
         "sent": _mb(totals["bytes_sent"]),
+        "aux": _mb(totals.get("aux_bytes")),
         "int8": _mb(totals["full_int8_bytes"]),
         "fp32": _mb(totals.get("fp32_bytes")),
         "saving_int8": _pct(totals.get("saving_vs_int8")),
@@ -47,7 +49,8 @@ def _bandwidth(args: argparse.Namespace) -> None:
     data = api_from(args).get("/api/v1/bandwidth", price_per_gb=args.price_per_gb)
     rows = [_row(f"{r['name']}@{r['release']} {r['variant']}", r) for r in data.get("releases", [])]
     rows.append(_row("fleet", data["fleet"]))
-    emit(args, data, lambda: table(rows, _COLUMNS) + f"\n(at ${args.price_per_gb}/GB)")
+    note = "aux: golden sets and TUF metadata, counted in sent"
+    emit(args, data, lambda: table(rows, _COLUMNS) + f"\n(at ${args.price_per_gb}/GB; {note})")
 
 
 def add_commands(subparsers: Any) -> None:
