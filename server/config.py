@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 OPERATOR_TOKEN_ENV = "EDGEFLEET_OPERATOR_TOKEN"  # noqa: S105 - a variable name, not a secret
 OPERATOR_TOKEN_FILE = "operator.token"  # noqa: S105
+# A read-only token for the console and the REST GET routes: it can look, not act.
+VIEWER_TOKEN_ENV = "EDGEFLEET_VIEWER_TOKEN"  # noqa: S105 - a variable name, not a secret
+VIEWER_TOKEN_FILE = "viewer.token"  # noqa: S105
 ROLLOUT_TICK_ENV = "EDGEFLEET_ROLLOUT_TICK_S"
 METRICS_TOKEN_ENV = "EDGEFLEET_METRICS_TOKEN"  # noqa: S105 - a variable name, not a secret
 _MIN_TOKEN_CHARS = 16
@@ -93,6 +96,7 @@ class ServerConfig:
     mqtt_public_port: int | None = None
     mqtt_public_tls: bool = False
     operator_token: str | None = None
+    viewer_token: str | None = None  # None: $EDGEFLEET_VIEWER_TOKEN, else viewer.token
     enrollment_tokens: tuple[str, ...] = ()
     poll_interval_s: float = 30.0
     # Request threads, and as many pooled database connections: a request never waits
@@ -147,6 +151,10 @@ class ServerConfig:
     @property
     def token_file(self) -> Path:
         return self.data_dir / OPERATOR_TOKEN_FILE
+
+    @property
+    def viewer_token_file(self) -> Path:
+        return self.data_dir / VIEWER_TOKEN_FILE
 
     @property
     def upload_dir(self) -> Path:
@@ -243,20 +251,32 @@ def _check_tls_files(cfg: ServerConfig) -> tuple[Path | None, Path | None, Path 
 
 def ensure_operator_token(config: ServerConfig) -> str:
     """The operator token: explicit, from the environment, or generated once to a 0600 file."""
-    token = config.operator_token or os.environ.get(OPERATOR_TOKEN_ENV)
-    if token:
-        if len(token) < _MIN_TOKEN_CHARS:
-            raise ConfigError(f"operator token must be at least {_MIN_TOKEN_CHARS} characters")
-        return token
-    path = config.token_file
+    explicit = config.operator_token or os.environ.get(OPERATOR_TOKEN_ENV)
+    return _ensure_token("operator", explicit, config.token_file)
+
+
+def ensure_viewer_token(config: ServerConfig, operator_token: str) -> str:
+    """The viewer token, found or generated like the operator token; it must differ from it."""
+    explicit = config.viewer_token or os.environ.get(VIEWER_TOKEN_ENV)
+    token = _ensure_token("viewer", explicit, config.viewer_token_file)
+    if secrets.compare_digest(token.encode(), operator_token.encode()):
+        raise ConfigError("the viewer token must differ from the operator token")
+    return token
+
+
+def _ensure_token(role: str, explicit: str | None, path: Path) -> str:
+    if explicit:
+        if len(explicit) < _MIN_TOKEN_CHARS:
+            raise ConfigError(f"{role} token must be at least {_MIN_TOKEN_CHARS} characters")
+        return explicit
     if path.exists():
         if path.stat().st_mode & 0o077:
             raise ConfigError(f"{path} must not be readable by group or others (chmod 600)")
         token = path.read_text(encoding="utf-8").strip()
         if len(token) < _MIN_TOKEN_CHARS:
-            raise ConfigError(f"{path} holds no usable operator token")
+            raise ConfigError(f"{path} holds no usable {role} token")
         return token
     token = secrets.token_urlsafe(32)
     atomic_write(path, token.encode() + b"\n", mode=0o600)
-    log.info("generated a new operator token in %s", path)
+    log.info("generated a new %s token in %s", role, path)
     return token

@@ -1,4 +1,4 @@
-"""REST v1 of the fleet server (FastAPI); OpenAPI at /docs."""
+"""REST v1 of the fleet server (FastAPI); OpenAPI at /docs, the console at /ui/."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from server.api import accuracy, bandwidth, devices, mqtt_export, operator, roll
 from server.api.deps import AppState
 from server.api.error_handlers import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
+from server.config import ensure_viewer_token
+from server.console.routes import install_console
+from server.console.session import SessionSigner
 from server.telemetry.metrics import FleetMetrics
 
 __all__ = ["AppState", "create_app"]
@@ -37,12 +40,18 @@ def create_app(state: AppState, metrics: FleetMetrics | None = None) -> FastAPI:
         title="EdgeFleet fleet server",
         version=__version__,
         description="Ships signed INT8 models to edge cameras.",
+        docs_url=None,  # served by the console with local assets: /docs works offline
+        redoc_url=None,
     )
     app.add_middleware(
         BodyLimitMiddleware,
         default=state.config.max_json_bytes,
         limits={("POST", "/api/v1/models"): state.config.max_upload_bytes},
     )
+    if state.viewer_token is None:
+        state.viewer_token = ensure_viewer_token(state.config, state.operator_token)
+    if state.sessions is None:
+        state.sessions = SessionSigner(state.operator_token, state.viewer_token)
     app.state.edgefleet = state
     app.state.edgefleet_metrics = metrics or FleetMetrics(state.db, state.config)
     install_error_handlers(app)
@@ -56,6 +65,7 @@ def create_app(state: AppState, metrics: FleetMetrics | None = None) -> FastAPI:
     app.include_router(bandwidth.router)
     app.include_router(accuracy.router)
     app.include_router(rollouts.router)
+    install_console(app)
 
     @app.get("/healthz", tags=["meta"])
     def healthz() -> dict[str, str]:
