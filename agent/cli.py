@@ -14,10 +14,19 @@ from pathlib import Path
 from types import FrameType
 
 from agent import __version__, trial
-from agent.common.errors import AgentError
-from agent.config import AgentConfig, load_config, render_config
+from agent.common.errors import AgentError, ProfileError, ServerRequestError
+from agent.config import (
+    DEFAULT_STATE_DIR,
+    AgentConfig,
+    default_state_dir,
+    load_config,
+    render_config,
+)
 from agent.daemon import Agent, ensure_state_dir, resolve_profile
 from agent.identity import hardware_id, load_identity, save_enrollment
+from agent.profiles.detect import NoMatchingProfileError
+from agent.profiles.listing import list_profiles, render_table
+from agent.profiles.schema import Profile, default_profiles_dir, load_profiles
 from agent.transport.device_api import DeviceClient
 from agent.update.slots import SlotStore
 
@@ -35,33 +44,66 @@ def _tags(values: list[str]) -> dict[str, str]:
 
 
 def _config_for_enroll(args: argparse.Namespace) -> tuple[AgentConfig, Path | None]:
+    """The existing config, or a new one (written after enrolling) with a default state dir."""
     path = Path(args.config) if args.config else None
     if path is not None and path.exists():
         return load_config(path), path
-    if args.state_dir is None:
-        raise AgentError("enroll needs --config (existing or to create) or --state-dir")
-    cfg = AgentConfig(
-        state_dir=Path(args.state_dir).resolve(), server=args.server, profile=args.profile
-    )
-    return cfg, path
+    if path is None and args.state_dir is None:
+        raise AgentError("enroll needs --config FILE (created when absent) or --state-dir DIR")
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    return AgentConfig(state_dir=state_dir.resolve(), server=args.server), path
+
+
+def _enroll_profile(cfg: AgentConfig, path: Path | None) -> Profile:
+    try:
+        return resolve_profile(cfg)
+    except NoMatchingProfileError as err:
+        # The daemon's advice ("set 'profile' in the configuration") does not fit here:
+        # enroll is what writes that configuration.
+        where = f", or set 'profile' in {path}" if path is not None and path.exists() else ""
+        raise ProfileError(
+            f"{err.reason}. Choose a profile with --profile NAME{where} "
+            f"(known: {', '.join(err.known)}; `edgefleet-agent profiles` describes them)"
+        ) from err
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     cfg, path = _config_for_enroll(args)
     if args.profile != "auto":
         cfg = replace(cfg, profile=args.profile)
+    profile = _enroll_profile(cfg, path)
     ensure_state_dir(cfg.state_dir)
-    profile = resolve_profile(cfg)
     root = Path(args.root).read_bytes() if args.root else None
     hw = args.hardware_id or hardware_id(Path(cfg.hw_root))
-    reply = DeviceClient(args.server).enroll(
-        args.token, hw, profile.name, list(profile.runtime.variant_preference), _tags(args.tag)
-    )
+    try:
+        reply = DeviceClient(args.server).enroll(
+            args.token,
+            hw,
+            profile.name,
+            list(profile.runtime.variant_preference),
+            _tags(args.tag),
+            replace=args.replace,
+        )
+    except ServerRequestError as err:
+        if err.status != 409:
+            raise
+        raise ServerRequestError(
+            f"{err} (a second agent on this host needs its own --hardware-id)", err.status
+        ) from err
     ident = save_enrollment(cfg.state_dir, args.server, profile.name, reply, root)
     if path is not None and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render_config(replace(cfg, server=args.server)))
     print(f"enrolled as {ident.device_id} (profile {profile.name}); state in {cfg.state_dir}")
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    cfg = load_config(Path(args.config)) if args.config else None
+    folder = Path(cfg.profiles_dir) if cfg and cfg.profiles_dir else default_profiles_dir()
+    root = Path(args.hw_root or (cfg.hw_root if cfg else "/"))
+    listing = list_profiles(load_profiles(folder), root)
+    print(json.dumps(listing.rows, indent=2) if args.json else render_table(listing))
     return 0
 
 
@@ -116,12 +158,33 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--server", required=True, help="fleet server URL, e.g. https://fleet:8080")
     enroll.add_argument("--token", required=True, help="enrollment token from the operator")
     enroll.add_argument("--config", help="agent TOML; created when absent")
-    enroll.add_argument("--state-dir", help="state directory when no config exists yet")
+    enroll.add_argument(
+        "--state-dir",
+        help="state directory for a new config (default $STATE_DIRECTORY, else "
+        f"{DEFAULT_STATE_DIR})",
+    )
     enroll.add_argument("--root", help="trusted TUF root.json shipped with the device image")
-    enroll.add_argument("--profile", default="auto", help="firmware profile name (default: detect)")
+    enroll.add_argument(
+        "--profile",
+        default="auto",
+        help="firmware profile name (default: detect; `edgefleet-agent profiles` lists them)",
+    )
     enroll.add_argument("--hardware-id", help="override the detected hardware id")
     enroll.add_argument("--tag", action="append", default=[], help="key=value, repeatable")
+    enroll.add_argument(
+        "--replace",
+        action="store_true",
+        help="take over the server's record of an already enrolled hardware id",
+    )
     enroll.set_defaults(func=cmd_enroll)
+
+    profiles = sub.add_parser(
+        "profiles", help="list the firmware profiles; * marks the one this board matches"
+    )
+    profiles.add_argument("--json", action="store_true", help="print a JSON list")
+    profiles.add_argument("--config", help="agent TOML (its profiles_dir and hw_root)")
+    profiles.add_argument("--hw-root", help="read the board's facts under this directory")
+    profiles.set_defaults(func=cmd_profiles)
 
     run = sub.add_parser("run", help="run the agent daemon")
     run.add_argument("--config", required=True)

@@ -7,6 +7,7 @@ be silently ignored); the message names the file, the table and the key.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +19,19 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 boards
     import tomli as tomllib
+
+
+# The agent unit's StateDirectory=edgefleet (systemd/edgefleet-agent.service), so a config
+# that `enroll` writes works unchanged under systemd.
+DEFAULT_STATE_DIR = Path("/var/lib/edgefleet")
+STATE_DIRECTORY_ENV = "STATE_DIRECTORY"  # set by systemd for a unit with StateDirectory=
+
+
+def default_state_dir() -> Path:
+    """Where a new configuration keeps the agent's state: systemd's choice, else the unit's."""
+    env = os.environ.get(STATE_DIRECTORY_ENV, "")
+    # systemd joins several directories with ':'; the agent's unit declares one.
+    return Path(env.split(":")[0]) if env else DEFAULT_STATE_DIR
 
 
 @dataclass(frozen=True)

@@ -48,15 +48,20 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def enroll(
-    server: ServerHandle, hw: str, tags: dict[str, str], prefs: tuple[str, ...] = ("int8-cpu",)
+    server: ServerHandle,
+    hw: str,
+    tags: dict[str, str],
+    prefs: tuple[str, ...] = ("int8-cpu",),
+    replace: bool = False,
 ) -> EnrollResponse:
-    body = {
+    body: dict[str, Any] = {
         "token": server.config.enrollment_tokens[0],
         "hardware_id": hw,
         "profile": "x86-gateway",
         "variant_preference": list(prefs),
         "tags": tags,
         "agent_version": "0.1.0",
+        "replace": replace,
     }
     resp = requests.post(f"{server.url}/api/v1/enroll", json=body, timeout=10)
     assert resp.status_code == 200, resp.text
@@ -253,7 +258,7 @@ def test_wrong_tokens_are_401_and_another_devices_are_403(server: ServerHandle) 
         assert requests.post(url, json=body, timeout=10).status_code == 401
     assert stored_events(server, b.device_id) == []
 
-    again = enroll(server, "hw-tok-a", {})  # re-enrolling rotates the token: the old one is dead
+    again = enroll(server, "hw-tok-a", {}, replace=True)  # rotates the token: the old one is dead
     assert checkin(server, a.device_id, a.device_token).status_code == 401
     assert checkin(server, again.device_id, again.device_token).status_code == 200
 

@@ -26,7 +26,7 @@ from agent.profiles.schema import (
 from agent.protocol.manifest import VARIANTS
 
 BOARDS = Path(__file__).parent / "boards"
-SHIPPED = Path(__file__).resolve().parent.parent / "firmware_profiles"
+SHIPPED = Path(__file__).resolve().parent.parent / "agent" / "profiles" / "data"
 EXPECTED = {
     "rpi4", "rpi5", "rpi-coral-usb", "coral-devboard",
     "jetson-nano", "jetson-orin-nano", "jetson-agx-orin", "x86-gateway",
@@ -47,7 +47,7 @@ def test_every_board_family_has_a_profile(profiles: dict[str, Profile]) -> None:
         assert profile.source.parent == SHIPPED
 
 
-def test_default_dir_is_the_repository_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_dir_is_the_shipped_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PROFILES_DIR_ENV, raising=False)
     assert default_profiles_dir() == SHIPPED
     monkeypatch.setenv(PROFILES_DIR_ENV, "/opt/edgefleet/profiles")

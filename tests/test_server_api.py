@@ -33,6 +33,7 @@ def enroll(
     hw: str,
     tags: dict[str, str] | None = None,
     prefs: tuple[str, ...] = ("int8-cpu",),
+    replace: bool = False,
 ) -> EnrollResponse:
     body = {
         "token": server.config.enrollment_tokens[0],
@@ -41,6 +42,7 @@ def enroll(
         "variant_preference": list(prefs),
         "tags": tags or {},
         "agent_version": "0.1.0",
+        "replace": replace,
     }
     resp = requests.post(f"{server.url}/api/v1/enroll", json=body, timeout=10)
     assert resp.status_code == 200, resp.text
@@ -86,7 +88,7 @@ def test_enrollment_hands_out_credentials_and_the_pinned_root(module_server: Ser
     assert first.tuf_root["signed"]["_type"] == "root"
     assert checkin(module_server, first.device_id, first.device_token).status_code == 200
 
-    again = enroll(module_server, "hw-enroll-1", {"store": "2"})
+    again = enroll(module_server, "hw-enroll-1", {"store": "2"}, replace=True)
     assert again.device_id == first.device_id
     assert again.device_token != first.device_token
     assert again.mqtt.password != first.mqtt.password
@@ -219,6 +221,7 @@ def test_device_show_lists_state_events_and_desired(published: ServerHandle) -> 
 OPERATOR_CALLS: list[tuple[str, str, dict[str, Any]]] = [
     ("GET", "/api/v1/devices", {}),
     ("GET", "/api/v1/devices/dev-anything", {}),
+    ("DELETE", "/api/v1/devices/dev-anything", {}),
     ("GET", "/api/v1/models", {}),
     ("POST", "/api/v1/models", {"data": {"name": "x", "release": "1", "variant": "int8-cpu"}}),
     ("POST", "/api/v1/assignments", {"json": {"name": "digits", "release": 1, "tag": "a=b"}}),
@@ -230,7 +233,7 @@ OPERATOR_CALLS: list[tuple[str, str, dict[str, Any]]] = [
 def test_operator_endpoints_refuse_missing_or_wrong_tokens(
     module_server: ServerHandle, method: str, path: str, kwargs: dict[str, Any]
 ) -> None:
-    device = enroll(module_server, "hw-op-401")
+    device = enroll(module_server, "hw-op-401", replace=True)  # once per parameter
     for headers in (
         {},
         {"Authorization": "Bearer wrong-token"},

@@ -46,7 +46,9 @@ def manifest(name: str, release: int, variant: str) -> ModelManifest:
     )
 
 
-def enroll(db: Database, hw: str, tags: dict[str, str], prefs: list[str]) -> queries.Credentials:
+def enroll(
+    db: Database, hw: str, tags: dict[str, str], prefs: list[str], replace: bool = False
+) -> queries.Credentials:
     with db.session() as s:
         return queries.enroll_device(
             s,
@@ -55,6 +57,7 @@ def enroll(db: Database, hw: str, tags: dict[str, str], prefs: list[str]) -> que
             variant_preference=prefs,
             tags=tags,
             agent_version="0.1.0",
+            replace=replace,
         )
 
 
@@ -81,7 +84,7 @@ def test_enroll_issues_hashed_credentials_and_reenroll_rotates(db: Database) -> 
         assert device.mqtt_password_hash.startswith("$7$101$")
         assert queries.check_mqtt_password(s, first.device_id, first.mqtt_password)
         assert not queries.check_mqtt_password(s, first.device_id, "wrong")
-    second = enroll(db, "hw-1", {"store": "18"}, ["edgetpu", "int8-cpu"])
+    second = enroll(db, "hw-1", {"store": "18"}, ["edgetpu", "int8-cpu"], replace=True)
     assert second.device_id == first.device_id and second.reenrolled
     assert second.device_token != first.device_token
     with db.session() as s:

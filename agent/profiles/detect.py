@@ -68,9 +68,7 @@ def _usb_ids(devices: Path) -> frozenset[str]:
 
 def read_board_facts(root: Path, globs: Iterable[str], machine: str | None = None) -> BoardFacts:
     base = glob.escape(str(root))
-    present = frozenset(
-        g for g in set(globs) if glob.glob(os.path.join(base, g.lstrip("/")))
-    )
+    present = frozenset(g for g in set(globs) if glob.glob(os.path.join(base, g.lstrip("/"))))
     return BoardFacts(
         machine=machine or platform.machine(),
         device_tree_model=_read_text(under_root(root, DEVICE_TREE_MODEL)),
@@ -96,6 +94,22 @@ def matches(rules: DetectRules, facts: BoardFacts) -> bool:
     )
 
 
+class NoMatchingProfileError(ProfileError):
+    """Detection cannot choose: no profile matches, or two tie at the top.
+
+    ``reason`` says why without advice, so each caller names its own way to choose
+    (the daemon: ``profile`` in the configuration; ``enroll``: ``--profile``).
+    """
+
+    def __init__(self, reason: str, known: Iterable[str]) -> None:
+        self.reason = reason
+        self.known = tuple(sorted(known))
+        super().__init__(
+            f"{reason}; known profiles: {', '.join(self.known)}. "
+            "Set 'profile' in the agent configuration to choose one."
+        )
+
+
 def choose_profile(profiles: Mapping[str, Profile], facts: BoardFacts) -> Profile:
     """Pure: the highest-priority matching profile; a tie at the top is an error."""
     candidates = sorted(
@@ -103,18 +117,25 @@ def choose_profile(profiles: Mapping[str, Profile], facts: BoardFacts) -> Profil
         key=lambda p: (-p.priority, p.name),
     )
     if not candidates:
-        raise ProfileError(
-            f"no firmware profile matches this board ({facts.summary()}); "
-            f"known profiles: {', '.join(sorted(profiles))}. "
-            "Set 'profile' in the agent configuration to choose one."
+        raise NoMatchingProfileError(
+            f"no firmware profile matches this board ({facts.summary()})", profiles
         )
     best = candidates[0]
     if len(candidates) > 1 and candidates[1].priority == best.priority:
-        raise ProfileError(
+        raise NoMatchingProfileError(
             f"firmware profiles {best.name!r} and {candidates[1].name!r} both match with "
-            f"priority {best.priority}; give one a higher priority or set 'profile'"
+            f"priority {best.priority} (give one a higher priority)",
+            profiles,
         )
     return best
+
+
+def board_facts(
+    profiles: Mapping[str, Profile], root: Path, machine: str | None = None
+) -> BoardFacts:
+    """The facts every profile's rules look at, read under ``root``."""
+    globs = {g for p in profiles.values() for g in p.detect.globs}
+    return read_board_facts(root, globs, machine)
 
 
 def detect_profile(
@@ -133,9 +154,12 @@ def detect_profile(
             )
         log.info("firmware profile %s chosen by configuration", override)
         return profiles[override]
-    globs = {g for p in profiles.values() for g in p.detect.globs}
-    facts = read_board_facts(root, globs, machine)
+    facts = board_facts(profiles, root, machine)
     profile = choose_profile(profiles, facts)
-    log.info("detected firmware profile %s (priority %d): %s",
-             profile.name, profile.priority, facts.summary())
+    log.info(
+        "detected firmware profile %s (priority %d): %s",
+        profile.name,
+        profile.priority,
+        facts.summary(),
+    )
     return profile

@@ -122,11 +122,16 @@ def under_root(root: Path, path: str) -> Path:
     return root / path.lstrip("/")
 
 
+# Shipped inside the package (package data), so an agent installed from a wheel has them.
+SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent / "data"
+
+
 def default_profiles_dir() -> Path:
+    """``$EDGEFLEET_PROFILES_DIR`` (a site's own profiles), else the shipped ones."""
     env = os.environ.get(PROFILES_DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "firmware_profiles"
+    return SHIPPED_PROFILES_DIR
 
 
 # ---- strict TOML field reader ----------------------------------------------------

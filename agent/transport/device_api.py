@@ -65,7 +65,10 @@ class DeviceClient:
         profile: str,
         variant_preference: list[str],
         tags: dict[str, str],
+        *,
+        replace: bool = False,
     ) -> api.EnrollResponse:
+        """``replace``: take over the record of an already enrolled hardware id (else 409)."""
         body = {
             "token": token,
             "hardware_id": hardware_id,
@@ -73,6 +76,7 @@ class DeviceClient:
             "variant_preference": variant_preference,
             "tags": tags,
             "agent_version": __version__,
+            "replace": replace,
         }
         return api.EnrollResponse.from_json(self._post(api.ENROLL_PATH, body))
 

@@ -38,7 +38,7 @@ from server.errors import ServerError
 log = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorOut} for code in (401, 403, 413, 422)
+    code: {"model": ErrorOut} for code in (401, 403, 409, 413, 422)
 }
 router = APIRouter(tags=["devices"], responses=_ERRORS)
 DeviceId = Annotated[str, Path(pattern=DEVICE_ID)]
@@ -49,7 +49,8 @@ State = Annotated[AppState, Depends(app_state)]
 def enroll(body: EnrollIn, st: State) -> EnrollOut:
     """Trade an enrollment token for a device id, a device token and MQTT credentials.
 
-    Enrolling the same hardware id again rotates every credential of the same device.
+    An enrolled hardware id is refused (409) unless ``replace`` is true: then the same
+    device keeps its id and gets new credentials, profile and tags.
     """
     tags = queries.check_tags(body.tags, st.config.max_tags)
     try:
@@ -65,6 +66,7 @@ def enroll(body: EnrollIn, st: State) -> EnrollOut:
             variant_preference=body.variant_preference,
             tags=tags,
             agent_version=body.agent_version,
+            replace=body.replace,
         )
     log.info(
         "%s device %s (profile %s)",

@@ -126,6 +126,16 @@ def show_device(device_id: Annotated[str, Path(pattern=DEVICE_ID)], st: State) -
         )
 
 
+@router.delete("/devices/{device_id}", response_model=DeviceOut)
+def delete_device(device_id: Annotated[str, Path(pattern=DEVICE_ID)], st: State) -> DeviceOut:
+    """Forget a device: its token and MQTT password stop working at once, and its hardware
+    id may enroll again as a new device. Answers with the device as it was."""
+    with st.db.session() as s:
+        out = device_out(queries.delete_device(s, device_id))
+    log.info("deleted device %s (hardware id %s)", out.id, out.hardware_id)
+    return out
+
+
 def _ContractField(description: str) -> Any:  # noqa: N802 - used like Form()
     return Form(max_length=200, description=f"input contract: {description}")
 

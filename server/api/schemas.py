@@ -66,6 +66,8 @@ class EnrollIn(_DeviceInput):
     variant_preference: Annotated[list[Variant], Field(min_length=1, max_length=len(VARIANTS))]
     tags: Annotated[dict[TagKey, TagValue], Field(max_length=64)] = Field(default_factory=dict)
     agent_version: Version
+    # An enrolled hardware id is refused (409) unless the caller means to take it over.
+    replace: bool = False
 
     @field_validator("variant_preference")
     @classmethod

@@ -64,6 +64,16 @@ def _device_show(args: argparse.Namespace) -> None:
     emit(args, device, text)
 
 
+def _device_delete(args: argparse.Namespace) -> None:
+    gone = api_from(args).request("DELETE", f"/api/v1/devices/{args.id}")
+    emit(
+        args,
+        gone,
+        f"deleted device {gone['id']} (hardware id {gone['hardware_id']}, profile "
+        f"{gone['profile']}); its token and MQTT password no longer work",
+    )
+
+
 def _assign(args: argparse.Namespace) -> None:
     name, sep, version = args.release.partition("@")
     if not sep or not version.isdigit():
@@ -96,6 +106,10 @@ def add_commands(sub: Any) -> None:
     p = command_parser(device, "list", "list devices", _device_list)
     p.add_argument("--tag", help="only devices with this key=value tag")
     p = command_parser(device, "show", "one device with telemetry and events", _device_show)
+    p.add_argument("id")
+    p = command_parser(
+        device, "delete", "forget a device and revoke its credentials", _device_delete
+    )
     p.add_argument("id")
 
     p = command_parser(sub, "assign", "assign a release to a device or a tag", _assign)

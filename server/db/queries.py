@@ -35,6 +35,7 @@ from server.db.tables import (
     EnrollmentToken,
     Event,
     Model,
+    ShadowAssignment,
     TelemetryLatest,
     as_utc,
     utcnow,
@@ -150,11 +151,21 @@ def enroll_device(
     variant_preference: Sequence[str],
     tags: dict[str, str],
     agent_version: str,
+    replace: bool = False,
 ) -> Credentials:
-    """Create the device, or rotate every credential of the one with this hardware id."""
+    """Create the device; with ``replace``, take over the one with this hardware id instead
+    (same id, every credential rotated, profile and tags overwritten)."""
     token, mqtt_password = new_secret(), new_secret()
     device = s.scalars(select(Device).where(Device.hardware_id == hardware_id)).one_or_none()
     reenrolled = device is not None
+    if device is not None and not replace:
+        # Two agents on one host share a hardware id: the second must not silently
+        # take over the first's record.
+        raise ConflictError(
+            f"hardware id {hardware_id!r} is already enrolled as {device.id} "
+            f"(profile {device.profile}); enroll with --replace to take over that device, "
+            f"or give this agent its own --hardware-id"
+        )
     if device is None:
         device = Device(
             id=f"dev-{secrets.token_hex(8)}", hardware_id=hardware_id, created_at=utcnow()
@@ -228,7 +239,9 @@ def resolve_desired(s: Session, device: Device) -> DesiredTarget | None:
     The same query as the check-in's (``hot_path.resolve``), so both always agree.
     """
     s.flush()
-    return hot_path.resolve(s.connection(), device.id, device.tags, device.variant_preference)
+    return hot_path.resolve(
+        s.connection(), device.id, device.tags, device.variant_preference, device.profile
+    )
 
 
 # --- operator views ----------------------------------------------------------------------
@@ -247,6 +260,24 @@ def get_device(s: Session, device_id: str) -> Device:
     device = s.get(Device, device_id)
     if device is None:
         raise NotFoundError(f"no device {device_id!r}")
+    return device
+
+
+def delete_device(s: Session, device_id: str) -> Device:
+    """Remove a device: its token and MQTT password go with its row; tags, events, telemetry
+    and rollout facts cascade; its own assignments and shadow candidate are removed here.
+
+    Download accounting is kept: those bytes were spent, and bandwidth totals must not shrink.
+    """
+    device = get_device(s, device_id)
+    s.execute(
+        delete(Assignment).where(
+            Assignment.target_kind == "device", Assignment.target_value == device_id
+        )
+    )
+    s.execute(delete(ShadowAssignment).where(ShadowAssignment.device_id == device_id))
+    s.delete(device)
+    s.flush()
     return device
 
 

@@ -84,6 +84,7 @@ class DeviceHttp:
             "variant_preference": list(variants),
             "tags": tags,
             "agent_version": AGENT_VERSION,
+            "replace": True,  # a plan's hardware ids are stable: a rerun takes its devices over
         }
         data, _ = await self._post(api.ENROLL_PATH, body, None, "enroll")
         try:

@@ -48,6 +48,7 @@ def provision(
                     variant_preference=list(p.variants),
                     tags=dict(p.tags),
                     agent_version=AGENT_VERSION,
+                    replace=True,  # create or re-key, as over REST
                 )
                 if installed is not None:
                     device = queries.get_device(s, creds.device_id)
