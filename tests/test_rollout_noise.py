@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from waiting import wait_for
 
 from server.app import ServerHandle
+from server.cli.rollout import status_text
 from server.db.tables import TelemetryRollup, utcnow
 from server.rollout.service import ServiceConfig, TickResult, tick
 
@@ -84,6 +85,11 @@ def test_estimated_power_is_gated_when_asked(
     assert result.decision.status.state.value == "paused"
     assert "power_regression on profile x86-gateway: 50.0% > limit 10.0%" in (
         result.decision.reason)
+    view = fleet.rollout(rid)
+    kept = view["paused_gates"]
+    assert [(g["name"], g["value"]) for g in kept] == [("power_regression", 50.0)]
+    text = status_text(view)
+    assert "paused on (as measured then):" in text and "gates now:" in text
 
 
 def test_one_window_is_not_enough_to_judge_a_device(

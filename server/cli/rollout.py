@@ -88,6 +88,9 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         "min_golden_accuracy": _gate(args.min_golden_accuracy),
         "max_device_errors": args.max_device_errors,
         "min_sample": args.min_sample,
+        "latency_floor_ms": args.latency_floor_ms,
+        "power_floor_mw": args.power_floor_mw,
+        "gate_estimated_power": args.gate_estimated_power,
         "max_concurrent_downloads": args.max_downloads,
         "approval": args.approval,
         "variants": _variants(args.variant),
@@ -141,6 +144,12 @@ def status_text(r: dict[str, Any]) -> str:
     ]
     if r.get("paused_reason"):
         lines.append(f"paused: {r['paused_reason']}")
+        kept = r.get("paused_gates") or []
+        if kept:
+            lines += [
+                "paused on (as measured then):",
+                table([_gate_row(g) for g in kept], _GATE_COLUMNS),
+            ]
     if r.get("shadow_phase"):
         lines.append(
             f"shadow phase: {r.get('shadowing', 0)} devices run the candidate beside their model;"
@@ -149,7 +158,8 @@ def status_text(r: dict[str, Any]) -> str:
     lines += ["", table(r.get("stage_list", []), _STAGE_COLUMNS)]
     gates = r.get("gates") or []
     if gates:
-        lines += ["", table([_gate_row(g) for g in gates], _GATE_COLUMNS)]
+        now = "gates now:" if r.get("paused_gates") else ""
+        lines += ["", *([now] if now else []), table([_gate_row(g) for g in gates], _GATE_COLUMNS)]
     lines += [f"waiting: {w}" for w in r.get("waiting") or []]
     decision = r.get("decision")
     if decision:
@@ -306,6 +316,15 @@ def _add_create(rollout: Any) -> None:
     p.add_argument("--min-golden-accuracy", help="golden-set gate, e.g. 90%%")
     p.add_argument("--max-device-errors", type=int, help="more runtime errors: device failed")
     p.add_argument("--min-sample", type=int, default=10, help="devices before a gate judges")
+    p.add_argument(
+        "--latency-floor-ms", default="0.5", help="mean p95 increase a latency trip also needs"
+    )
+    p.add_argument("--power-floor-mw", default="100", help="mean increase a power trip also needs")
+    p.add_argument(
+        "--gate-estimated-power",
+        action="store_true",
+        help="gate power from estimates too (by default only sensor readings)",
+    )
     p.add_argument("--max-downloads", type=int, default=100, help="simultaneous downloads")
     p.add_argument("--window-cron", help="maintenance window start, 5-field cron")
     p.add_argument("--window-duration", help="maintenance window length, e.g. 2h")

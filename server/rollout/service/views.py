@@ -107,6 +107,9 @@ def detail(s: Session, row: Rollout) -> dict[str, Any]:
         "stage_started_at": _time(status.stage_started_at),
         "paused_reason": status.reason if paused else None,
         "held_devices": sorted(status.held_devices),
+        "paused_gates": [{**g, "text": gate_text(g)} for g in status.paused_gates]
+        if paused
+        else [],
         # The current stage is shadowing the candidate (no device installs yet).
         "shadow_phase": in_shadow and row.state != RolloutState.COMPLETED.value,
         "shadowing": decision.get("shadowing", 0),
