@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 
 if TYPE_CHECKING:
+    from rollout_helpers import Fleet, Telemetry
+
     from server.app import ServerHandle
     from server.config import ServerConfig
 
@@ -174,3 +176,23 @@ def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHa
     handle = start_server(server_config(tmp_path_factory.mktemp("server")))
     yield handle
     _stop(handle)
+
+
+# --- rollouts driven through the real server (a module defines ``server``) -------------------
+@pytest.fixture
+def fleet(server: ServerHandle) -> Fleet:
+    """An operator and REST devices on the module's ``server``: releases 1 and 2 published,
+    1 assigned to fleet=test."""
+    from rollout_helpers import published_fleet  # noqa: PLC0415 - paho and requests on use
+
+    return published_fleet(server)
+
+
+@pytest.fixture
+def telemetry(server: ServerHandle) -> Iterator[Telemetry]:
+    """Telemetry and results windows over MQTT with each device's own credentials."""
+    from rollout_helpers import Telemetry  # noqa: PLC0415
+
+    sender = Telemetry(server.mqtt_host, server.mqtt_port)
+    yield sender
+    sender.close()

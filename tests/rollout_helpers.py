@@ -23,6 +23,7 @@ from agent.protocol import topics
 from agent.protocol.api import InstalledModel, checkin_body
 from agent.protocol.manifest import model_target_path
 from server.app import ServerHandle
+from server.rollout.service import ServiceConfig, TickResult, tick
 
 FIXTURES = Path(__file__).parent / "fixtures"
 T = TypeVar("T")
@@ -240,3 +241,10 @@ def published_fleet(server: ServerHandle) -> Fleet:
     f.call("POST", "/api/v1/assignments", expect=201,
            json={"name": "digits", "release": 1, "tag": "fleet=test"})
     return f
+
+
+def tick_once(server: ServerHandle, rollout_id: str, **kw: Any) -> TickResult:
+    """One engine tick of ``rollout_id`` now (the tests' servers tick once an hour)."""
+    result = tick(server.db, rollout_id, ServiceConfig.from_server(server.config), **kw)
+    assert result is not None
+    return result

@@ -3,18 +3,17 @@ telemetry windows, and estimated power is gated only when the rollout asks for i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from rollout_helpers import Fleet, SimDevice, Telemetry, published_fleet
+from rollout_helpers import Fleet, SimDevice, Telemetry, tick_once
 from sqlalchemy import func, select
 from waiting import wait_for
 
 from server.app import ServerHandle
 from server.cli.rollout import status_text
 from server.db.tables import TelemetryRollup, utcnow
-from server.rollout.service import ServiceConfig, TickResult, tick
 
 
 @pytest.fixture
@@ -22,22 +21,10 @@ def server(server_factory: Callable[..., ServerHandle], tmp_path: Path) -> Serve
     return server_factory(tmp_path / "server", rollout_tick_interval_s=3600)
 
 
-@pytest.fixture
-def fleet(server: ServerHandle) -> Fleet:
-    return published_fleet(server)
 
 
-@pytest.fixture
-def telemetry(server: ServerHandle) -> Iterator[Telemetry]:
-    sender = Telemetry(server.mqtt_host, server.mqtt_port)
-    yield sender
-    sender.close()
 
 
-def step(server: ServerHandle, rollout_id: str) -> TickResult:
-    result = tick(server.db, rollout_id, ServiceConfig.from_server(server.config))
-    assert result is not None
-    return result
 
 
 def windows(server: ServerHandle, release: int) -> int:
@@ -58,7 +45,7 @@ def power_rollout(fleet: Fleet, server: ServerHandle, telemetry: Telemetry, *, s
     rid: str = fleet.create(release="digits@2", select=["fleet=test"], stages="100%",
                             soak="0s", min_sample=4, max_latency_regression=None,
                             max_power_regression="10%", start=True, **options)["id"]
-    assert len(step(server, rid).started) == 4
+    assert len(tick_once(server, rid).started) == 4
     for dev in devices:
         fleet.install(dev, 2)
         telemetry.window(dev, 2, p95_ms=10.0, power_mw=3000.0, source=source, repeat=repeat)
@@ -70,7 +57,7 @@ def test_estimated_power_is_not_gated_unless_asked(
     server: ServerHandle, fleet: Fleet, telemetry: Telemetry
 ) -> None:
     rid, _ = power_rollout(fleet, server, telemetry, source="estimate")
-    result = step(server, rid)
+    result = tick_once(server, rid)
     assert result.decision.status.state.value == "completed", result.decision.reason
     power = next(g for g in result.decision.gates if g.name == "power_regression")
     assert power.value is None and power.sample == 0
@@ -81,7 +68,7 @@ def test_estimated_power_is_gated_when_asked(
 ) -> None:
     rid, _ = power_rollout(fleet, server, telemetry, source="estimate",
                            gate_estimated_power=True)
-    result = step(server, rid)
+    result = tick_once(server, rid)
     assert result.decision.status.state.value == "paused"
     assert "power_regression on profile x86-gateway: 50.0% > limit 10.0%" in (
         result.decision.reason)
@@ -96,7 +83,7 @@ def test_one_window_is_not_enough_to_judge_a_device(
     server: ServerHandle, fleet: Fleet, telemetry: Telemetry
 ) -> None:
     rid, _ = power_rollout(fleet, server, telemetry, source="sensor", repeat=1)
-    result = step(server, rid)
+    result = tick_once(server, rid)
     assert result.decision.status.state.value == "running"
     assert any("power_regression on profile x86-gateway: waiting for data from 4 more devices"
                in w for w in result.decision.waiting)

@@ -9,13 +9,12 @@ scheduler thread of these servers waits an hour between rounds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from rollout_helpers import Fleet, SimDevice, Telemetry, published_fleet
+from rollout_helpers import Fleet, SimDevice, Telemetry, tick_once
 from sqlalchemy import func, select
 from waiting import wait_for
 
@@ -49,26 +48,14 @@ def server(server_factory: ServerFactory, tmp_path: Path, db_url: str | None) ->
     return server_factory(tmp_path / "server", db_url=db_url, rollout_tick_interval_s=3600)
 
 
-@pytest.fixture
-def fleet(server: ServerHandle) -> Fleet:
-    return published_fleet(server)
 
 
-@pytest.fixture
-def telemetry(server: ServerHandle) -> Iterator[Telemetry]:
-    sender = Telemetry(server.mqtt_host, server.mqtt_port)
-    yield sender
-    sender.close()
 
 
 def spread(i: int) -> dict[str, str]:
     return {"fleet": "test", "store": f"s{i % 4}", "region": f"r{i % 2}"}
 
 
-def step(server: ServerHandle, rollout_id: str, **kw: Any) -> TickResult:
-    result = tick(server.db, rollout_id, ServiceConfig.from_server(server.config), **kw)
-    assert result is not None
-    return result
 
 
 def started_devices(fleet: Fleet, devices: list[SimDevice]) -> list[SimDevice]:
@@ -113,7 +100,7 @@ def test_a_good_release_goes_stage_by_stage_to_completion(
     seen_stages: list[int] = []
     installed: set[str] = set()
     for _ in range(20):
-        result = step(server, rid)
+        result = tick_once(server, rid)
         seen_stages.append(result.decision.status.stage_index)
         if result.decision.status.state.value == "completed":
             break
@@ -149,7 +136,7 @@ def test_failed_installs_pause_with_the_gate_and_numbers_then_resume(
     fleet.bring_to(devices, 1)
     rid = fleet.create(release="digits@2", select=["fleet=test"], stages="50%,100%",
                        soak="0s", max_failure="10%", start=True)["id"]
-    step(server, rid)
+    tick_once(server, rid)
     first = started_devices(fleet, devices)
     assert len(first) == 10
     bad = {first[0].device_id, first[1].device_id}
@@ -158,7 +145,7 @@ def test_failed_installs_pause_with_the_gate_and_numbers_then_resume(
     for dev in first[2:]:
         fleet.install(dev, 2)
 
-    result = step(server, rid)
+    result = tick_once(server, rid)
     assert result.decision.status.state.value == "paused"
     assert result.decision.status.held_devices == bad
     view = fleet.rollout(rid)
@@ -175,15 +162,15 @@ def test_failed_installs_pause_with_the_gate_and_numbers_then_resume(
     assert statuses[first[1].device_id] == ("rolled_back", "health: invoke errors")
 
     # Paused: ticking changes nothing and starts nobody.
-    assert step(server, rid).started == ()
+    assert tick_once(server, rid).started == ()
     fleet.act(rid, "resume")
-    assert step(server, rid).decision.status.stage_index == 1  # the 8 others carry stage 1
-    second = step(server, rid).started
+    assert tick_once(server, rid).decision.status.stage_index == 1  # the 8 others carry stage 1
+    second = tick_once(server, rid).started
     assert len(second) == 10
     for dev in devices:
         if dev.device_id in second:
             fleet.install(dev, 2)
-    assert step(server, rid).decision.status.state.value == "completed"
+    assert tick_once(server, rid).decision.status.state.value == "completed"
 
 
 def test_a_slower_release_pauses_on_latency_and_revert_restores_release_1(
@@ -204,7 +191,7 @@ def test_a_slower_release_pauses_on_latency_and_revert_restores_release_1(
 
     rid = fleet.create(release="digits@2", select=["fleet=test"], stages="50%,100%",
                        soak="0s", min_sample=2, start=True)["id"]
-    first = step(server, rid).started
+    first = tick_once(server, rid).started
     assert len(first) == 6
     touched = [d for d in devices if d.device_id in first]
     assert sorted(d.profile for d in touched) == ["rpi4"] * 3 + ["x86-gateway"] * 3
@@ -214,7 +201,7 @@ def test_a_slower_release_pauses_on_latency_and_revert_restores_release_1(
         telemetry.window(dev, 2, p95_ms=14.0 if slow else 10.1, power_mw=2010.0)
     wait_for("release 2 rollups", lambda: _rollup_devices(server, 2) == len(touched))
 
-    result = step(server, rid)
+    result = tick_once(server, rid)
     assert result.decision.status.state.value == "paused"
     names = {(g.name, g.profile) for g in result.decision.tripped}
     assert names == {("p95_latency_regression", "rpi4")}
@@ -251,7 +238,7 @@ def test_revert_is_refused_while_the_previous_release_is_not_a_signed_target(
     fleet.bring_to(devices, 1)
     rid = fleet.create(release="digits@2", select=["fleet=test"], stages="50%,100%",
                        soak="0s", start=True)["id"]
-    step(server, rid)
+    tick_once(server, rid)
     for dev in started_devices(fleet, devices):
         fleet.install(dev, 2)
     server.repo.remove_target(model_target_path("digits", 1, "int8-cpu"))
@@ -271,12 +258,12 @@ def test_silent_devices_count_as_failed_after_the_timeout(
     fleet.bring_to(devices, 1)
     rid = fleet.create(release="digits@2", select=["fleet=test"], stages="50%,100%",
                        soak="0s", timeout="10m", max_failure="1", start=True)["id"]
-    first = step(server, rid).started
+    first = tick_once(server, rid).started
     assert len(first) == 2
     # Nobody reports; within the timeout the stage simply waits.
-    assert step(server, rid).decision.status.state.value == "running"
+    assert tick_once(server, rid).decision.status.state.value == "running"
     later = utcnow() + timedelta(minutes=11)
-    result = step(server, rid, now=later)
+    result = tick_once(server, rid, now=later)
     assert result.decision.status.state.value == "paused"
     assert result.decision.status.held_devices == set(first)
     assert "2 of 2 devices failed, 2 of them silent" in result.decision.reason
@@ -289,18 +276,18 @@ def test_approval_holds_the_next_stage_until_an_operator_approves(
     fleet.bring_to(devices, 1)
     rid = fleet.create(release="digits@2", select=["fleet=test"], stages="50%,100%",
                        soak="0s", approval=True, start=True)["id"]
-    first = step(server, rid).started
+    first = tick_once(server, rid).started
     for dev in devices:
         if dev.device_id in first:
             fleet.install(dev, 2)
-    assert step(server, rid).decision.status.state.value == "awaiting_approval"
-    waiting = step(server, rid)
+    assert tick_once(server, rid).decision.status.state.value == "awaiting_approval"
+    waiting = tick_once(server, rid)
     assert waiting.started == () and waiting.decision.status.state.value == "awaiting_approval"
     with pytest.raises(TransitionError, match="cannot resume a rollout that is awaiting"):
         perform(server.db, rid, Action.RESUME)
     result = perform(server.db, rid, Action.APPROVE)
     assert (result.state, result.stage_index) == ("running", 1)
-    assert len(step(server, rid).started) == 2
+    assert len(tick_once(server, rid).started) == 2
 
 
 def test_golden_set_accuracy_below_the_minimum_pauses(server: ServerHandle, fleet: Fleet) -> None:
@@ -308,13 +295,13 @@ def test_golden_set_accuracy_below_the_minimum_pauses(server: ServerHandle, flee
     fleet.bring_to(devices, 1)
     rid = fleet.create(release="digits@2", select=["fleet=test"], stages="50%,100%",
                        soak="0s", min_golden_accuracy="90%", min_sample=2, start=True)["id"]
-    started = step(server, rid).started
+    started = tick_once(server, rid).started
     first = [d for d in devices if d.device_id in started]
     for dev, accuracy in zip(first, (0.95, 0.5), strict=True):
         fleet.install(dev, 2)
         fleet.event(dev, "golden_set", None,
                     {"accuracy": accuracy, "per_class": {"0": accuracy}, "release": 2})
-    result = step(server, rid)
+    result = tick_once(server, rid)
     assert result.decision.status.state.value == "paused"
     gate = result.decision.tripped[0]
     assert (gate.name, gate.limit) == ("golden_accuracy", 90.0)

@@ -9,18 +9,17 @@ cannot report into a rollout that did not select it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from rollout_helpers import Fleet, SimDevice, Telemetry, published_fleet
+from rollout_helpers import Fleet, SimDevice, Telemetry, tick_once
 from waiting import wait_for
 
 from agent.protocol.manifest import model_target_path
 from server.app import ServerHandle
 from server.cli.rollout import shadow_text, status_text
-from server.rollout.service import ServiceConfig, TickResult, tick
 
 ServerFactory = Callable[..., ServerHandle]
 LABELS = [str(i) for i in range(10)]
@@ -33,22 +32,10 @@ def server(request: pytest.FixtureRequest, server_factory: ServerFactory,
     return server_factory(tmp_path / "server", db_url=db_url, rollout_tick_interval_s=3600)
 
 
-@pytest.fixture
-def fleet(server: ServerHandle) -> Fleet:
-    return published_fleet(server)
 
 
-@pytest.fixture
-def telemetry(server: ServerHandle) -> Iterator[Telemetry]:
-    sender = Telemetry(server.mqtt_host, server.mqtt_port)
-    yield sender
-    sender.close()
 
 
-def step(server: ServerHandle, rollout_id: str) -> TickResult:
-    result = tick(server.db, rollout_id, ServiceConfig.from_server(server.config))
-    assert result is not None
-    return result
 
 
 def block(rollout_id: str, per_class: int = 20, wrong: dict[int, int] | None = None) -> dict[
@@ -90,7 +77,7 @@ def test_one_class_disagreeing_pauses_the_rollout_naming_it(
 ) -> None:
     devices = fleet.enroll(4)
     rid = start(fleet, devices)
-    result = step(server, rid)
+    result = tick_once(server, rid)
     assert result.started == ()  # the shadow phase installs nothing
     shadowing = [d for d in devices if fleet.checkin_reply(d).get("shadow") is not None]
     assert len(shadowing) == 2
@@ -109,7 +96,7 @@ def test_one_class_disagreeing_pauses_the_rollout_naming_it(
     telemetry.results(outsider, 1, block(rid))
     wait_for("shadow results stored", lambda: shadow_rows(fleet, rid)["profiles"].get(
         "x86-gateway", {}).get("devices") == 2)
-    result = step(server, rid)
+    result = tick_once(server, rid)
     status = result.decision.status
     assert status.state.value == "paused" and status.shadow_tripped
     reason = status.reason
@@ -130,7 +117,7 @@ def test_one_class_disagreeing_pauses_the_rollout_naming_it(
 
     # The operator accepts the candidate: the stage's devices are told to install.
     fleet.act(rid, "resume")
-    result = step(server, rid)
+    result = tick_once(server, rid)
     assert len(result.started) == 2
     assert {d.device_id for d in shadowing} == set(result.started)
 
@@ -140,15 +127,15 @@ def test_an_agreeing_candidate_passes_the_shadow_phase_then_installs(
 ) -> None:
     devices = fleet.enroll(4)
     rid = start(fleet, devices)
-    step(server, rid)
+    tick_once(server, rid)
     shadowing = [d for d in devices if fleet.checkin_reply(d).get("shadow") is not None]
     for dev in shadowing:
         telemetry.results(dev, 1, block(rid))
     wait_for("shadow results stored", lambda: shadow_rows(fleet, rid)["profiles"].get(
         "x86-gateway", {}).get("devices") == 2)
-    passed = step(server, rid)
+    passed = tick_once(server, rid)
     assert passed.decision.kind.value == "shadow_passed"
     assert "shadow passed" in passed.decision.reason
     assert all(fleet.checkin_reply(d).get("shadow") is None for d in devices)
-    installing = step(server, rid)
+    installing = tick_once(server, rid)
     assert set(installing.started) == {d.device_id for d in shadowing}
