@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ def test_publish_with_golden_set_then_a_delta(
     assert cli_main([*base, str(FIXTURES / "digits_int8_r1.tflite"), "--name", "digits",
                      "--version", "1", "--labels", *labels, *golden]) == 0  # fmt: skip
     assert "published digits@1 int8-cpu" in capsys.readouterr().out
-    assert "golden/digits/1/int8-cpu.npz" in srv.repo.targets()
+    digest = hashlib.sha256((FIXTURES / "digits_val.npz").read_bytes()).hexdigest()
+    assert f"golden/digits/sha256-{digest}.npz" in srv.repo.targets()  # content-addressed
 
     assert cli_main([*base, str(FIXTURES / "digits_int8_r2.tflite"), "--name", "digits",
                      "--version", "2", "--labels", *labels]) == 0  # fmt: skip
