@@ -33,6 +33,9 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from demo_access import access_lines  # noqa: E402
 
 from server.app import ServerHandle, start_server  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
@@ -331,7 +334,19 @@ class Demo:
                 f"{r['p99']!s:>7} {r['fps']!s:>6} {r['camera']!s:>7} {r['power']:>18} "
                 f"{r['mj']:>7} {r['temp']!s:>6}"
             )
-        print(f"\nAPI: {self.server.url}/api/v1  (docs {self.server.url}/docs)\n", flush=True)
+
+    def access(self) -> None:
+        assert self.server is not None
+        config = self.server.config
+        token_file = config.token_file
+        viewer = config.viewer_token_file
+        lines = access_lines(
+            self.server.url,
+            self.server.operator_token,
+            token_file if token_file.exists() else None,
+            viewer_token=viewer.read_text().strip() if viewer.exists() else None,
+        )
+        print("\n" + "\n".join(lines) + "\n", flush=True)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -370,6 +385,7 @@ def main() -> int:
         demo.rollout(2)
         demo.table(demo.wait_for_release(2))
         demo.bandwidth()
+        demo.access()
         if args.serve:
             demo.log("serving; Ctrl-C to stop")
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the fleet server until SIGTERM/SIGINT")
     run.add_argument("--data", type=Path, required=True, help="data directory (DB, keys, repo)")
+    run.add_argument(
+        "--keys",
+        type=Path,
+        metavar="DIR",
+        help="TUF signing keys made by `edgefleet keys init DIR` (default: DATA/keys, "
+        "generated on first start)",
+    )
     run.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free port)")
     run.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
     run.add_argument(
@@ -120,8 +127,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ConfigError(f"cannot read {args.metrics_token_file}: {err}") from err
         if not metrics_token:
             raise ConfigError(f"{args.metrics_token_file} is empty")
+    if args.keys is not None:
+        from server.publish.keys import check_keys_dir  # noqa: PLC0415 - only with --keys
+
+        check_keys_dir(args.keys)  # refuse before anything starts, naming the bad file
     return ServerConfig(
         data_dir=args.data,
+        keys_dir=args.keys,
         host=args.host,
         port=args.port,
         db_url=args.db_url,

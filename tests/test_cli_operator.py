@@ -102,6 +102,7 @@ def test_publish_list_assign_show_and_tokens(
     code, out, _ = run_cli(capsys, *with_server(server, "device", "show", dev))
     assert code == 0
     assert "desired       digits@1 int8-cpu" in out and "event         " in out
+    assert "latest window: none received" in out  # readable, not a cut-off JSON line
     code, out, _ = run_cli(capsys, *with_server(server, "device", "show", dev, "--json"))
     assert json.loads(out)["desired"]["target_path"] == "models/digits/1/int8-cpu.tflite"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rollout_helpers import Fleet, SimDevice, Telemetry, tick_once
@@ -34,7 +35,7 @@ def windows(server: ServerHandle, release: int) -> int:
 
 
 def power_rollout(fleet: Fleet, server: ServerHandle, telemetry: Telemetry, *, source: str,
-                  repeat: int = 3, **options: object) -> tuple[str, list[SimDevice]]:
+                  repeat: int = 3, **options: Any) -> tuple[str, list[SimDevice]]:
     """Four devices at 2000 mW on release 1 and 3000 mW (+50%) on release 2."""
     devices = fleet.enroll(4)
     fleet.bring_to(devices, 1)

@@ -16,10 +16,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel
+from sqlalchemy import select
 
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme, bearer_token
 from server.api.schemas import DEVICE_ID, MODEL_NAME, ErrorOut, UtcTime
-from server.errors import AuthError, InvalidInputError
+from server.db.tables import Device, TelemetryRollup
+from server.errors import AuthError, InvalidInputError, NotFoundError
+from server.telemetry import latency_sketch
 from server.telemetry.metrics import CONTENT_TYPE, FleetMetrics
 from server.telemetry.storage import RollupQuery, query_rollups
 from server.telemetry.windows import MAX_RELEASE, RollupValues, bucket_start
@@ -180,6 +183,125 @@ def query_telemetry(
         count=len(items),
         truncated=truncated,
         rollups=items,
+    )
+
+
+# The summary merges rollups newest first; beyond this many it leaves older buckets out
+# and says so (``truncated``), so one request on a huge fleet stays bounded.
+SUMMARY_MAX_ROLLUPS = 200_000
+
+
+class SummaryRow(BaseModel):
+    device_id: str | None  # set in a device's summary
+    profile: str | None  # None on the total row when profiles are mixed
+    model: str | None
+    release: int | None
+    devices: int
+    windows: int
+    inferences: int
+    errors: int
+    fps_mean: float | None
+    invoke_p50_ms: float | None
+    invoke_p95_ms: float | None
+    e2e_p95_ms: float | None
+    power_mw_mean: float | None
+    mj_per_inference: float | None
+    power_sources: dict[str, int]  # source (sensor, estimate, unknown) -> windows with power
+    temp_max_c: float | None
+    throttled_windows: int
+
+
+class TelemetrySummary(BaseModel):
+    since: UtcTime
+    until: UtcTime
+    device_id: str | None
+    truncated: bool
+    rows: list[SummaryRow]
+    total: SummaryRow | None
+
+
+class _Group:
+    """Merged rollups of one row: exact sums, and a merged latency sketch for percentiles."""
+
+    def __init__(self) -> None:
+        self.values = RollupValues()
+        self.devices: set[str] = set()
+        self.profiles: set[str] = set()
+        self.sources: dict[str, int] = {}
+
+    def add(self, row: Any, values: RollupValues) -> None:
+        self.values.merge(values)
+        self.devices.add(row.device_id)
+        self.profiles.add(row.profile)
+        if row.power_source and values.power_windows:
+            self.sources[row.power_source] = (
+                self.sources.get(row.power_source, 0) + values.power_windows
+            )
+
+    def out(self, device_id: str | None, model: str | None, release: int | None) -> SummaryRow:
+        v = self.values
+        return SummaryRow(
+            device_id=device_id,
+            profile=next(iter(self.profiles)) if len(self.profiles) == 1 else None,
+            model=model or None,
+            release=release or None,
+            devices=len(self.devices),
+            windows=v.windows,
+            inferences=v.inferences,
+            errors=v.errors,
+            fps_mean=_round(v.fps_mean, 2),
+            invoke_p50_ms=_round(latency_sketch.quantile(v.invoke, 0.5)),
+            invoke_p95_ms=_round(v.invoke_p95_ms()),
+            e2e_p95_ms=_round(v.e2e_p95_ms()),
+            power_mw_mean=_round(v.power_mw_mean, 1),
+            mj_per_inference=_round(v.mj_per_inference, 4),
+            power_sources=dict(sorted(self.sources.items())),
+            temp_max_c=v.temp_max_c,
+            throttled_windows=v.throttled_windows,
+        )
+
+
+@router.get("/telemetry/summary", response_model=TelemetrySummary)
+def telemetry_summary(
+    *,
+    st: State,
+    device: Annotated[str | None, Query(pattern=DEVICE_ID, description="one device")] = None,
+    profile: Annotated[str | None, Query(pattern=PROFILE, description="board profile")] = None,
+    hours: Annotated[float, Query(gt=0, le=24 * 90, description="lookback in hours")] = 1.0,
+) -> TelemetrySummary:
+    """Latency p50/p95, power and energy per release and profile (or for one device, per
+    release), merged exactly from the rollups of the last ``hours``, and their total."""
+    until = datetime.now(timezone.utc)
+    since = bucket_start(until - timedelta(hours=hours), st.config.rollup_bucket_s)
+    table = TelemetryRollup.__table__
+    stmt = select(table).where(table.c.bucket >= since)
+    if device is not None:
+        stmt = stmt.where(table.c.device_id == device)
+    if profile is not None:
+        stmt = stmt.where(table.c.profile == profile)
+    stmt = stmt.order_by(table.c.bucket.desc()).limit(SUMMARY_MAX_ROLLUPS + 1)
+    groups: dict[tuple[str, str, int], _Group] = {}
+    total = _Group()
+    seen = 0
+    with st.db.session() as s:
+        if device is not None and s.get(Device, device) is None:
+            raise NotFoundError(f"no device {device!r}")
+        for row in s.execute(stmt):
+            seen += 1
+            if seen > SUMMARY_MAX_ROLLUPS:
+                break
+            values = RollupValues.from_row(row)
+            key = ("" if device is not None else row.profile, row.model, row.release)
+            groups.setdefault(key, _Group()).add(row, values)
+            total.add(row, values)  # merging reads `values`, never changes it
+    rows = [g.out(device, model, release) for (_, model, release), g in sorted(groups.items())]
+    return TelemetrySummary(
+        since=since,
+        until=until,
+        device_id=device,
+        truncated=seen > SUMMARY_MAX_ROLLUPS,
+        rows=rows,
+        total=total.out(device, None, None) if seen else None,
     )
 
 

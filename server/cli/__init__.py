@@ -20,13 +20,16 @@ from server.errors import ServerError
 #: The modules whose ``add_commands(subparsers)`` make up the CLI, in help order.
 COMMAND_MODULES: list[str] = [
     "server.cli.models",
+    "server.cli.root",
     "server.cli.quantize",
     "server.cli.devices",
     "server.cli.bandwidth",
     "server.cli.accuracy",
+    "server.cli.telemetry",
     "server.cli.delta",
     "server.cli.mqtt",
     "server.cli.rollout",
+    "server.cli.watch",
     "server.cli.simulate",
 ]
 

@@ -42,7 +42,8 @@ class Api:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def response(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """The raw answer (for bytes that must stay byte for byte); errors as ``request``."""
         url = self.server + path
         try:
             resp = self.session.request(method, url, timeout=self.timeout_s, **kwargs)
@@ -54,6 +55,10 @@ class Api:
             raise CliError(f"request to {url} failed: {err}") from err
         if resp.status_code >= 400:
             raise CliError(f"server answered {resp.status_code}: {_error_text(resp)}")
+        return resp
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self.response(method, path, **kwargs)
         try:
             return resp.json()
         except ValueError as err:

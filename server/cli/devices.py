@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from server.cli.common import CliError, api_from, command_parser, emit, group, table
+from server.cli.telemetry import latest_lines
 
 _DEVICE_COLUMNS = [
     ("DEVICE", "id"),
@@ -53,8 +53,11 @@ def _device_show(args: argparse.Namespace) -> None:
             f"{'desired':<14}"
             + (f"{desired['name']}@{desired['release']} {desired['variant']}" if desired else "-")
         )
-        for channel, item in sorted(device.get("telemetry", {}).items()):
-            lines.append(f"{channel:<14}{json.dumps(item['payload'], sort_keys=True)[:200]}")
+        # The newest window as readable lines; history: edgefleet telemetry ID.
+        lines += latest_lines(device)
+        state = (device.get("telemetry", {}).get("state") or {}).get("payload") or {}
+        if state:
+            lines.append(f"{'connection':<14}{state.get('status', '-')}")
         lines.extend(
             f"event         {e['time']} {e['type']} {e.get('state') or ''}".rstrip()
             for e in device.get("events", [])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from agent.common.errors import ProtocolError
 from agent.protocol.input_contract import COLOR_ORDERS, RESIZE_METHODS, InputContract
 from agent.protocol.input_options import ContractOptions
 from server.cli.common import CliError, api_from, command_parser, emit, group, table
+from server.cli.progress import MultipartBody, add_progress_flag, meter
 
 # Publish flag -> REST form field of the input contract.
 CONTRACT_FIELDS = {
@@ -27,7 +27,8 @@ def _keys_init(args: argparse.Namespace) -> None:
     emit(
         args,
         {"keys_dir": str(args.dir), "keyids": keyids},
-        f"wrote {', '.join(keyids)} keys (0600) to {args.dir}",
+        f"wrote {', '.join(keyids)} keys (0600) to {args.dir}\n"
+        f"next: edgefleet-server run --data DATA --keys {args.dir}",
     )
 
 
@@ -87,10 +88,15 @@ def _model_publish(args: argparse.Namespace) -> None:
                           if k != "labels_file")  # fmt: skip
         gate = "; the server runs the accuracy gate first" if args.validation else ""
         print(f"uploading {shown} to {api.server}{gate}", file=sys.stderr, flush=True)
-        with contextlib.ExitStack() as stack:
-            files = {key: (path.name, stack.enter_context(open(path, "rb")))
-                     for key, path in parts.items()}  # fmt: skip
-            out = api.request("POST", "/api/v1/models", data=data, files=files)
+        checks = "validating, gating" if args.validation else "validating"
+        work = f"server {checks}, signing and building deltas"
+        with meter(args, "uploading", sum(sizes.values())) as progress:
+            body = MultipartBody(data, parts, progress, work)
+            try:
+                out = api.request("POST", "/api/v1/models", data=body,
+                                  headers={"Content-Type": body.content_type})  # fmt: skip
+            finally:
+                body.close()
     except OSError as err:
         raise CliError(f"cannot read {err.filename}: {err.strerror}") from err
 
@@ -242,6 +248,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--version", type=int, required=True, help="release counter")
     p.add_argument("--variant", default="int8-cpu")
     p.add_argument("--labels", type=Path, required=True, help="labels file, one per line")
+    add_progress_flag(p)
     p.add_argument(
         "--fp32", type=Path,
         help="the FP32 original: reports the size saving, and with --validation is uploaded "

@@ -22,6 +22,7 @@ from agent.common.errors import AgentError, ConfigError, FrameSourceError, Model
 from agent.protocol.input_contract import COLOR_ORDERS, RESIZE_METHODS
 from agent.protocol.input_options import ContractOptions
 from server.cli.common import command_parser, emit, group
+from server.cli.progress import add_progress_flag, progress_wanted
 from server.errors import InvalidInputError
 
 EXIT_BAD_INPUT = 2
@@ -67,6 +68,11 @@ def _progress_factory(quiet: bool) -> Any:
         yield from _stderr_line(desc, total)
 
     return progress
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    """On stderr, when it is a terminal or with --progress; --quiet wins over both."""
+    return not args.quiet and progress_wanted(args)
 
 
 def _stderr_line(desc: str, total: int | None) -> Iterator[Tick]:
@@ -135,7 +141,7 @@ def _quantize(args: argparse.Namespace) -> None:
             threads=args.threads, latency_runs=args.latency_runs,
             max_calibration=args.max_calibration_samples,
         )  # fmt: skip
-        outcome = quantize_model(request, _progress_factory(args.quiet))
+        outcome = quantize_model(request, _progress_factory(not _show_progress(args)))
     report = outcome.report
 
     def text() -> str:
@@ -171,8 +177,7 @@ def _validate(args: argparse.Namespace) -> None:
             labels=args.labels, options=_options(args), variant=args.variant, gate=_gate(args),
             allow_float_ops=args.allow_float_ops, threads=args.threads,
         )  # fmt: skip
-        quiet = args.quiet or getattr(args, "json", False)
-        with _progress_factory(quiet)("validate", None) as tick:
+        with _progress_factory(not _show_progress(args))("validate", None) as tick:
             result = validate_candidate(request, tick)
     data = result.to_json()
 
@@ -228,6 +233,7 @@ def _add_gate_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=_positive_int, default=1, help="LiteRT threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    add_progress_flag(p)
 
 
 def add_commands(sub: Any) -> None:

@@ -111,3 +111,22 @@ def load_signers(keys_dir: Path) -> dict[str, CryptoSigner]:
     # A group/other-writable directory lets someone swap a key file in.
     _check_private(keys_dir, "key directory", 0o022)
     return {role: load_signer(keys_dir, role) for role in ROLES}
+
+
+def check_keys_dir(keys_dir: Path) -> dict[str, str]:
+    """Check a key directory an operator named (``--keys``); return ``{role: keyid}``.
+
+    Unlike the server's own ``DATA/keys``, a named directory is never filled in:
+    a missing role means the wrong directory, and new keys there would sign
+    metadata that no provisioned device trusts.
+    """
+    keys_dir = Path(keys_dir)
+    if keys_dir.is_dir():
+        missing = [r for r in ROLES if not key_path(keys_dir, r).exists()]
+        if missing:
+            names = ", ".join(f"{r} ({r}.pem)" for r in missing)
+            raise KeyStoreError(
+                f"key directory {keys_dir} lacks the {names} key; make all four with "
+                f"`edgefleet keys init {keys_dir}`"
+            )
+    return {role: str(signer.public_key.keyid) for role, signer in load_signers(keys_dir).items()}
