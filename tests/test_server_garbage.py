@@ -317,3 +317,16 @@ def test_unknown_routes_and_methods_answer_json(module_server: ServerHandle) -> 
         resp = requests.request(method, module_server.url + path, timeout=10)
         assert resp.status_code == status
         assert isinstance(resp.json()["error"], str)
+
+
+def test_page_offsets_beyond_any_list_are_a_422_not_a_500(module_server: ServerHandle) -> None:
+    headers = {"Authorization": f"Bearer {module_server.operator_token}"}
+    huge = 9223372036854775808  # one past a signed 64-bit integer
+    for path in ("/api/v1/devices", "/api/v1/rollouts"):
+        resp = requests.get(module_server.url + path, params={"offset": huge}, headers=headers,
+                            timeout=10)
+        assert resp.status_code == 422, (path, resp.status_code, resp.text[:200])
+        assert "offset" in resp.json()["error"]
+        ok = requests.get(module_server.url + path, params={"offset": 2**31 - 1},
+                          headers=headers, timeout=10)
+        assert ok.status_code == 200 and ok.json() == []

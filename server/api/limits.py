@@ -8,13 +8,20 @@ way the client gets the API's usual JSON error (413), not a bare text page.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Annotated
 
+from fastapi import Query
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.error_handlers import error_response
 
 TOO_LARGE = "request body is too large"
+
+# A page offset: beyond a signed 64-bit integer the database driver fails (a 500), and no
+# list is anywhere near this long.
+MAX_OFFSET = 2**31 - 1
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="rows to skip")]
 
 
 class BodyLimitMiddleware:

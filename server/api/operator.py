@@ -15,6 +15,7 @@ from agent.common.errors import ProtocolError
 from agent.protocol.input_options import ContractOptions
 from agent.protocol.manifest import VARIANTS
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
+from server.api.limits import Offset
 from server.api.schemas import (
     DEVICE_ID,
     AssignmentIn,
@@ -103,7 +104,7 @@ def list_devices(
     st: State,
     tag: Annotated[str | None, Query(max_length=200, description="key=value")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[DeviceOut]:
     selector = queries.parse_tag(tag) if tag is not None else None
     with st.db.session() as s:

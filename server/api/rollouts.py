@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import Field, StringConstraints, model_validator
 
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
+from server.api.limits import Offset
 from server.api.schemas import ErrorOut, _OperatorInput
 from server.rollout.core.spec import RolloutSpec, build_spec
 from server.rollout.core.states import Action, RolloutState
@@ -126,7 +127,7 @@ def list_rollouts(
     st: State,
     state: Annotated[RolloutState | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[dict[str, Any]]:
     with st.db.session() as s:
         rows = views.list_rows(s, state=state.value if state else None, limit=limit, offset=offset)
@@ -157,7 +158,7 @@ def show_devices(
     stage: Annotated[int | None, Query(ge=1, le=1000, description="1-based")] = None,
     status: Annotated[str | None, Query(pattern=r"^[a-z_]{1,16}$")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[dict[str, Any]]:
     """The rollout's devices in cohort order: stage, status, previous release, measurements."""
     with st.db.session() as s:
