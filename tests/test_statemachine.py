@@ -131,7 +131,7 @@ def test_durable_states_are_exactly_the_work_states() -> None:
 
 
 @pytest.mark.parametrize(
-    ("state", "event"), [(S.IDLE, E.SUCCESS), (S.COMMIT, E.FAILURE), (S.DOWNLOAD, E.DONE)]
+    ("state", "event"), [(S.IDLE, E.SUCCESS), (S.COMMIT, E.NO_UPDATE), (S.DOWNLOAD, E.DONE)]
 )
 def test_illegal_events_are_refused(state: State, event: Event) -> None:
     with pytest.raises(TransitionError, match=event.value):
@@ -154,3 +154,13 @@ def test_record_round_trips_and_keeps_a_bounded_trail() -> None:
 def test_corrupt_record_is_refused(garbage: object) -> None:
     with pytest.raises(AgentError):
         UpdateRecord.from_json(garbage)
+
+
+def test_commit_and_rollback_have_a_failure_path() -> None:
+    # A commit that cannot finish is undone; a rollback that cannot finish ends the update.
+    assert next_state(S.COMMIT, E.FAILURE) is S.ROLLBACK
+    assert next_state(S.ROLLBACK, E.FAILURE) is S.IDLE
+    # Every state with work has a way out on failure, so no failure can strand the agent.
+    for state in S:
+        if state is not S.IDLE:
+            next_state(state, E.FAILURE)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from agent.protocol.manifest import Golden, model_target_path
 from agent.update.fetch import FetchLimits, TufFetcher
 from agent.update.slots import SlotStore
 from agent.update.smoke import RuntimeChoice, smoke_test
-from agent.update.state_machine import State
+from agent.update.state_machine import MAX_RESTARTS, State, UpdateRecord
 from agent.update.trust import TrustClient
 from agent.update.updater import Updater
 from agent.worker import InferenceWorker
@@ -229,3 +231,39 @@ def test_director_naming_a_mislabelled_target_is_refused(device: Device) -> None
     assert up.update(lying) is False
     assert "signed as digits@2" in (up.record.reason or "")
     assert device.active_release() == 1
+
+
+def test_a_state_that_keeps_crashing_the_agent_is_abandoned(device: Device) -> None:
+    # Health keeps "crashing" the agent: after MAX_RESTARTS restarts the update is given up
+    # (rolled back), not retried for ever.
+    device.cut_at = State.INSTALL
+    with pytest.raises(PowerCut):
+        device.updater().update(desired(2))
+    for _ in range(MAX_RESTARTS):
+        device.cut_at = State.INSTALL  # the restart's resume crashes in the same state again
+        with pytest.raises(PowerCut):
+            device.updater().resume()
+    final = device.updater()
+    assert final.record.restarts == MAX_RESTARTS
+    final.resume()
+    assert final.record.state is State.IDLE and device.active_release() == 1
+    assert f"agent restarted {MAX_RESTARTS + 1} times" in (final.record.reason or "")
+
+
+def test_a_disk_error_in_a_step_is_a_failed_update_not_a_crash(device: Device) -> None:
+    staging = device.state_dir / "staging"
+    up = device.updater()
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.write_text("a file where the staging directory should be")  # writes now fail
+    assert up.update(desired(2)) is False
+    assert up.record.state is State.IDLE and device.active_release() == 1
+    assert up.record.reason
+    staging.unlink()
+
+
+def test_a_record_of_another_version_is_not_resumed(device: Device) -> None:
+    record = device.state_dir / "update.json"
+    data = UpdateRecord(state=State.COMMIT, target_path="x").to_json()
+    record.write_text(json.dumps({**data, "version": 99}))
+    up = device.updater()
+    assert up.record.state is State.IDLE  # refused, logged, started from idle

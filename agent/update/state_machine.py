@@ -43,6 +43,9 @@ class TransitionError(AgentError):
 
 S, E = State, Event
 
+RECORD_VERSION = 1  # the persisted record's layout; a record of another version is not resumed
+MAX_RESTARTS = 3  # restarts in one update before its state is treated as failed
+
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.IDLE, E.START): S.CHECK_IN,
     (S.CHECK_IN, E.NO_UPDATE): S.IDLE,
@@ -59,7 +62,11 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.HEALTH, E.SUCCESS): S.COMMIT,
     (S.HEALTH, E.FAILURE): S.ROLLBACK,
     (S.COMMIT, E.DONE): S.IDLE,
+    # A commit that cannot finish is undone; a rollback that cannot finish stops, and the
+    # device keeps whichever slot is active (the reason says why).
+    (S.COMMIT, E.FAILURE): S.ROLLBACK,
     (S.ROLLBACK, E.DONE): S.IDLE,
+    (S.ROLLBACK, E.FAILURE): S.IDLE,
     # After a restart: steps before the switch resume (each is idempotent); a
     # restart while the new model was being tested counts as its failure.
     (S.IDLE, E.RESTARTED): S.IDLE,
@@ -104,6 +111,7 @@ class UpdateRecord:
     attempts: int = 0
     reason: str | None = None
     history: tuple[str, ...] = field(default_factory=tuple)
+    restarts: int = 0  # restarts during this update: a state that keeps crashing is abandoned
 
     def advance(self, event: Event, **changes: Any) -> UpdateRecord:
         new = next_state(self.state, event)
@@ -112,6 +120,7 @@ class UpdateRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "version": RECORD_VERSION,
             "state": self.state.value,
             "target_path": self.target_path,
             "desired": self.desired,
@@ -126,12 +135,16 @@ class UpdateRecord:
             "attempts": self.attempts,
             "reason": self.reason,
             "history": list(self.history),
+            "restarts": self.restarts,
         }
 
     @classmethod
     def from_json(cls, data: Any) -> UpdateRecord:
         if not isinstance(data, dict):
             raise AgentError("update record is not an object")
+        version = data.get("version", 1)
+        if version != RECORD_VERSION:  # written by another agent version: do not guess
+            raise AgentError(f"update record version {version!r} is not {RECORD_VERSION}")
         try:
             return cls(
                 state=State(data["state"]),
@@ -148,6 +161,7 @@ class UpdateRecord:
                 attempts=int(data.get("attempts", 0)),
                 reason=data.get("reason"),
                 history=tuple(data.get("history", ())),
+                restarts=int(data.get("restarts", 0)),
             )
         except (KeyError, ValueError, TypeError) as err:
             raise AgentError(f"update record is corrupt: {err}") from err

@@ -21,7 +21,7 @@ from agent.common.errors import AgentError, UpdateError
 from agent.protocol.api import DesiredTarget, InstalledModel
 from agent.protocol.manifest import ModelManifest
 from agent.update.slots import SlotStore
-from agent.update.state_machine import DURABLE, Event, State, UpdateRecord
+from agent.update.state_machine import DURABLE, MAX_RESTARTS, Event, State, UpdateRecord
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,19 @@ class Updater:
         """After a restart: finish or undo whatever was in flight."""
         if self.record.state is State.IDLE:
             return
-        log.warning("resuming update interrupted in state %s", self.record.state.value)
-        self._go(Event.RESTARTED, reason=f"agent restarted during {self.record.state.value}")
+        state = self.record.state
+        restarts = self.record.restarts + 1
+        if restarts > MAX_RESTARTS:
+            # The same update crashed the agent again and again: stop retrying the step.
+            reason = f"agent restarted {restarts} times during this update (last in {state.value})"
+            log.error("%s; abandoning the step", reason)
+            self._count_failure()
+            self._go(Event.FAILURE, reason=reason, restarts=restarts)
+        else:
+            log.warning("resuming update interrupted in state %s", state.value)
+            self._go(
+                Event.RESTARTED, reason=f"agent restarted during {state.value}", restarts=restarts
+            )
         self._run()
 
     def update(self, desired: DesiredTarget) -> bool:
@@ -169,7 +180,7 @@ class Updater:
             state = self.record.state
             try:
                 event, changes = self._step(state)
-            except AgentError as err:
+            except (AgentError, OSError) as err:  # OSError: a full disk, a vanished file
                 log.error("update step %s failed: %s", state.value, err)
                 event, changes = Event.FAILURE, {"reason": str(err)}
                 self._count_failure()
