@@ -9,11 +9,13 @@ cannot report into a rollout that did not select it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from rollout_helpers import Fleet, SimDevice, Telemetry, tick_once
 from waiting import wait_for
 
@@ -139,3 +141,31 @@ def test_an_agreeing_candidate_passes_the_shadow_phase_then_installs(
     assert all(fleet.checkin_reply(d).get("shadow") is None for d in devices)
     installing = tick_once(server, rid)
     assert set(installing.started) == {d.device_id for d in shadowing}
+
+
+def test_shadow_garbage_is_refused_and_counted(
+    server: ServerHandle, fleet: Fleet, telemetry: Telemetry
+) -> None:
+    for bad in ({"shadow_every": 0}, {"shadow_every": 10**6},
+                {"shadow_every": 5, "min_shadow_agreement": "x"},
+                {"shadow_every": 5, "shadow_cpu_budget": "0%"},
+                {"shadow_every": 5, "shadow_duration": "forever"},
+                {"min_shadow_agreement": "99%"}):  # an option without shadow_every
+        out = fleet.create(expect=422, release="digits@2", select=["fleet=test"], **bad)
+        assert "shadow" in out["error"], out
+    devices = fleet.enroll(2)
+    rid = start(fleet, devices)
+    tick_once(server, rid)
+    shadowing = next(d for d in devices if fleet.checkin_reply(d).get("shadow") is not None)
+    broken = {**block(rid), "agreed": 999}  # does not add up
+    telemetry.results(shadowing, 1, broken)
+    telemetry.results(shadowing, 1, {"rollout_id": rid, "pairs": "nonsense"})
+
+    def rejected() -> float | None:
+        text = requests.get(f"{server.url}/metrics", timeout=10, headers={
+            "Authorization": f"Bearer {server.operator_token}"}).text
+        found = re.search(r'edgefleet_shadow_results_total\{result="rejected"\} (\S+)', text)
+        return float(found.group(1)) if found and float(found.group(1)) >= 2 else None
+
+    assert wait_for("both blocks counted as rejected", rejected) == 2
+    assert shadow_rows(fleet, rid)["profiles"] == {}  # nothing stored from them

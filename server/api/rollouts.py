@@ -46,6 +46,7 @@ RolloutId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
 Text = Annotated[str, StringConstraints(max_length=200)]
 Item = Annotated[str, StringConstraints(max_length=200)]
 _SPEC_FIELDS_EXEMPT = frozenset({"spec", "start"})
+_SHADOW_PREFIXES = ("shadow_", "min_shadow_")
 
 
 class RolloutIn(_OperatorInput):
@@ -94,6 +95,11 @@ class RolloutIn(_OperatorInput):
             raise ValueError("give either a whole spec or the individual options, not both")
         if self.spec is None and self.release is None:
             raise ValueError("release is required (NAME@RELEASE, e.g. digits@2)")
+        shadow_options = {f for f in self.model_fields_set if f.startswith(_SHADOW_PREFIXES)}
+        if self.shadow_every is None and shadow_options - {"shadow_every"}:
+            raise ValueError(
+                f"{', '.join(sorted(shadow_options))} need shadow_every (1 frame in N) to be set"
+            )
         return self
 
     def to_spec(self) -> RolloutSpec:
