@@ -174,9 +174,10 @@ class Demo:
         ratio = fleet.get("ratio_fp32_to_sent")
         print(
             f"bandwidth: {fleet['updates']} updates ({fleet['deltas']} as deltas), "
-            f"{fleet['bytes_sent']} bytes sent vs {fleet['full_int8_bytes']} full INT8 "
-            f"and {fleet['fp32_bytes']} FP32; saved {100 * (fleet['saving_vs_int8'] or 0):.1f}% "
-            f"vs INT8" + (f", FP32/sent {ratio}x" if ratio else ""),
+            f"{fleet['bytes_sent']} bytes sent ({fleet['aux_bytes']} of them golden sets and "
+            f"metadata) vs {fleet['full_int8_bytes']} full INT8 and {fleet['fp32_bytes']} FP32 "
+            f"model bytes; saved {100 * (fleet['saving_vs_int8'] or 0):.1f}% vs INT8"
+            + (f", FP32/sent {ratio}x" if ratio else ""),
             flush=True,
         )
 

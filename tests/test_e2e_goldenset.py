@@ -117,6 +117,8 @@ def test_golden_set_is_scored_on_publish_and_on_the_device(
         assert fleet["updates"] == 2
         assert fleet["aux_bytes"] == size + aux[1]["metadata_bytes"] + aux[2]["metadata_bytes"]
         assert fleet["bytes_sent"] >= fleet["aux_bytes"] + size // 10
+        # Two full downloads: nothing saved, and the aux bytes do not make it look negative.
+        assert fleet["saving_vs_int8"] == 0.0
     finally:
         agent.stop()
     digest = hashlib.sha256(npz.read_bytes()).hexdigest()

@@ -112,12 +112,14 @@ class Totals:
     aux_bytes: int = 0  # golden sets and TUF metadata
 
     def to_json(self, price_per_gb: float) -> dict[str, Any]:
+        # Full files would have needed the same golden sets and metadata: the references
+        # include the aux bytes, so a saving compares like with like.
         def saving(reference: int | None) -> float | None:
             if not reference:
                 return None
-            return round(1.0 - self.bytes_sent / reference, 4)
+            return round(1.0 - self.bytes_sent / (reference + self.aux_bytes), 4)
 
-        full_cost = self.full_int8_bytes / GB * price_per_gb
+        full_cost = (self.full_int8_bytes + self.aux_bytes) / GB * price_per_gb
         sent_cost = self.bytes_sent / GB * price_per_gb
         return {
             "updates": self.updates,
@@ -130,7 +132,7 @@ class Totals:
             "saving_vs_int8": saving(self.full_int8_bytes),
             "saving_vs_fp32": saving(self.fp32_bytes),
             "ratio_fp32_to_sent": (
-                round(self.fp32_bytes / self.bytes_sent, 1)
+                round((self.fp32_bytes + self.aux_bytes) / self.bytes_sent, 1)
                 if self.fp32_bytes and self.bytes_sent
                 else None
             ),
