@@ -6,8 +6,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from server.rollout.core.decision import DecisionKind
+from server.rollout.core.options import build_spec
 from server.rollout.core.policy import RolloutFacts
-from server.rollout.core.spec import RolloutSpec, build_spec
+from server.rollout.core.spec import RolloutSpec
 from server.rollout.core.states import DeviceFacts, InstallStatus, RolloutState, RolloutStatus
 
 UTC = timezone.utc

@@ -14,7 +14,8 @@ from server.rollout.core.cohorts import (
     cohort_order,
     stage_sizes,
 )
-from server.rollout.core.spec import build_spec, parse_stage_sizes
+from server.rollout.core.options import build_spec
+from server.rollout.core.spec import parse_stage_sizes
 from server.rollout.core.states import DeviceFacts
 
 

@@ -22,7 +22,7 @@ from agent.protocol.manifest import model_target_path
 from server.app import ServerHandle
 from server.db.tables import Assignment, TelemetryRollup, utcnow
 from server.errors import ConflictError, NotFoundError
-from server.rollout.core.spec import build_spec
+from server.rollout.core.options import build_spec
 from server.rollout.core.states import Action, InstallStatus, TransitionError
 from server.rollout.service import (
     RevertRefusedError,

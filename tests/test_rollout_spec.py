@@ -10,10 +10,10 @@ import pytest
 
 from server.errors import InvalidInputError
 from server.rollout.core.cron import parse_cron, parse_window
+from server.rollout.core.options import build_spec
 from server.rollout.core.spec import (
     ReleaseRef,
     RolloutSpec,
-    build_spec,
     parse_release,
     parse_selector,
     parse_stage_sizes,

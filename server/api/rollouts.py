@@ -20,7 +20,8 @@ from pydantic import Field, StringConstraints, model_validator
 from server.api.deps import AppState, OperatorRoute, app_state, bearer_scheme
 from server.api.limits import Offset
 from server.api.schemas import ErrorOut, _OperatorInput
-from server.rollout.core.spec import RolloutSpec, build_spec
+from server.rollout.core.options import build_spec
+from server.rollout.core.spec import RolloutSpec
 from server.rollout.core.states import Action, RolloutState
 from server.rollout.service import (
     ServiceConfig,

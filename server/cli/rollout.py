@@ -1,7 +1,7 @@
 """``edgefleet rollout``: create, watch and steer staged rollouts.
 
 Every option is passed to the server as text and checked there
-(``server.rollout.core.spec.build_spec``), so the CLI and the REST API refuse bad
+(``server.rollout.core.options.build_spec``), so the CLI and the REST API refuse bad
 input with the same message.
 """
 

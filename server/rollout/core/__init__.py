@@ -18,6 +18,7 @@ from server.rollout.core.cohorts import (
 from server.rollout.core.cron import CronExpr, MaintenanceWindow, parse_cron, parse_window
 from server.rollout.core.decision import Decision, DecisionKind, StageProgress
 from server.rollout.core.gates import GateLimits, GateResult
+from server.rollout.core.options import build_spec
 from server.rollout.core.policy import FactsError, PolicyConfig, RolloutFacts, decide
 from server.rollout.core.spec import (
     ReleaseRef,
@@ -25,7 +26,6 @@ from server.rollout.core.spec import (
     Selector,
     SpecLimits,
     StageSpec,
-    build_spec,
     parse_release,
     parse_selector,
     parse_stage_sizes,
