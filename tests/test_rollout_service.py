@@ -45,7 +45,10 @@ def db_url(request: pytest.FixtureRequest) -> str | None:
 
 @pytest.fixture
 def server(server_factory: ServerFactory, tmp_path: Path, db_url: str | None) -> ServerHandle:
-    return server_factory(tmp_path / "server", db_url=db_url, rollout_tick_interval_s=3600)
+    # The scheduler in this process (it ticks once at start, then hourly): a spawned one may
+    # take its first round, and the rollout's row lock, just as a test ticks by hand.
+    return server_factory(tmp_path / "server", db_url=db_url, rollout_tick_interval_s=3600,
+                          rollout_scheduler="thread")
 
 
 

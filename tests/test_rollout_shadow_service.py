@@ -31,7 +31,10 @@ LABELS = [str(i) for i in range(10)]
 def server(request: pytest.FixtureRequest, server_factory: ServerFactory,
            tmp_path: Path) -> ServerHandle:
     db_url = None if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
-    return server_factory(tmp_path / "server", db_url=db_url, rollout_tick_interval_s=3600)
+    # The scheduler in this process (it ticks once at start, then hourly): a spawned one may
+    # take its first round, and the rollout's row lock, just as a test ticks by hand.
+    return server_factory(tmp_path / "server", db_url=db_url, rollout_tick_interval_s=3600,
+                          rollout_scheduler="thread")
 
 
 

@@ -39,7 +39,10 @@ def db_url(request: pytest.FixtureRequest) -> str | None:
 
 @pytest.fixture
 def server(server_factory: ServerFactory, tmp_path: Path, db_url: str | None) -> ServerHandle:
-    return server_factory(tmp_path / "server", db_url=db_url, rollout_tick_interval_s=3600)
+    # The scheduler in this process: a spawned one may take its first round (and the
+    # rollout's row lock) seconds later, just as a test ticks by hand.
+    return server_factory(tmp_path / "server", db_url=db_url, rollout_tick_interval_s=3600,
+                          rollout_scheduler="thread")
 
 
 @pytest.fixture
@@ -127,7 +130,8 @@ def test_kept_facts_match_a_fresh_load_through_a_rollout(
 def test_an_event_committed_after_a_higher_id_is_still_folded(
     server_factory: ServerFactory, tmp_path: Path, pg_url: str
 ) -> None:
-    server = server_factory(tmp_path / "server", db_url=pg_url, rollout_tick_interval_s=3600)
+    server = server_factory(tmp_path / "server", db_url=pg_url, rollout_tick_interval_s=3600,
+                            rollout_scheduler="thread")  # see ``server`` above
     f = published_fleet(server)
     cfg = ServiceConfig.from_server(server.config)
     devices: list[SimDevice] = f.enroll(2, tags=lambda i: {"fleet": "test"})
