@@ -54,9 +54,10 @@ def fleet_of(server: ServerHandle, tmp_path: Path) -> Iterator[Callable[..., Fle
 def shadow_rollout(op: Operator, prefix: str, fleet: FleetThread, duration: str = "6s") -> str:
     op.assign(1, tag=f"fleet={prefix}")
     wait_for("release 1 everywhere", lambda: fleet.report().releases.get("digits@1") == 4)
+    # A 60% minimum: a class at 20% trips it, an overall agreement near 92% never does.
     out = op.call("POST", "/api/v1/rollouts", json={
         "release": "digits@2", "select": [f"fleet={prefix}"], "stages": "50%,100%",
-        "soak": "0s", "min_sample": 2, "shadow_every": 1, "min_shadow_agreement": "80%",
+        "soak": "0s", "min_sample": 2, "shadow_every": 1, "min_shadow_agreement": "60%",
         "shadow_min_frames": 20, "shadow_duration": duration, "max_latency_regression": None,
         "max_power_regression": None,
         "start": True})
