@@ -25,6 +25,7 @@ import pytest
 import requests
 from fleet_helpers import enroll_agent
 from PIL import Image
+from promtool import promtool_problems
 from quantize_helpers import FP32, INT8, LABELS, digits_pixels, run_cli
 from waiting import wait_for
 
@@ -145,6 +146,7 @@ def check_metrics(server: ServerHandle) -> None:
     queried = set(re.findall(r"\bedgefleet_accuracy_[a-z0-9_]+", panels))
     assert len(queried) >= 5
     assert all(re.search(rf"^{name}(\{{| )", metrics, re.M) for name in queried), queried
+    assert promtool_problems(metrics) == ""
 
 
 def check_cli(server: ServerHandle, capsys: pytest.CaptureFixture[str], inverted: str,

@@ -15,6 +15,7 @@ import requests
 from mosquitto_proc import Peer
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from promtool import promtool_problems
 
 from agent.protocol import topics
 from server.app import ServerHandle
@@ -132,13 +133,13 @@ def test_metrics_show_the_fleet_with_power_sources_and_merged_latency(server: Se
     assert value(found, mj, profile="rpi4", source="sensor", **release) == 8
     assert value(found, mj, profile="jetson-orin-nano", source="estimate", **release) == 3
     # 900 fast inferences (p95 5 ms) and 300 slow ones (20-40 ms): the fleet p95 is a slow one.
-    fleet_p95 = value(found, "edgefleet_latency_p95_ms", kind="invoke", **release)
-    assert fleet_p95 is not None and 20 < fleet_p95 <= 40
-    by_profile = "edgefleet_latency_p95_by_profile_ms"
+    fleet_p95 = value(found, "edgefleet_latency_p95_seconds", kind="invoke", **release)
+    assert fleet_p95 is not None and 0.020 < fleet_p95 <= 0.040
+    by_profile = "edgefleet_latency_p95_by_profile_seconds"
     pi_p95 = value(found, by_profile, profile="rpi4", kind="invoke", **release)
-    assert pi_p95 == pytest.approx(5.0, rel=0.1)
+    assert pi_p95 == pytest.approx(0.005, rel=0.1)
     assert value(found, by_profile, profile="rpi4", kind="e2e", **release) == pytest.approx(
-        6.0, rel=0.1
+        0.006, rel=0.1
     )
     assert value(found, "edgefleet_throttled_devices", profile="rpi4") == 1
     assert value(found, "edgefleet_throttled_devices", profile="jetson-orin-nano") == 0
@@ -161,6 +162,7 @@ def test_metrics_show_the_fleet_with_power_sources_and_merged_latency(server: Se
     queried = {q for q in queried if not q.startswith(("edgefleet_accuracy_", "edgefleet_shadow_"))}
     served = {name for name, _labels in found}
     assert queried and queried <= served, queried - served
+    assert promtool_problems(resp.text) == ""
 
 
 def test_metrics_need_a_bearer_token(server: ServerHandle) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
@@ -155,14 +155,14 @@ class FleetCollector(Collector):
             ((*k, g.values.mj_per_inference_above_idle) for k, g in by_power.items()),
         )
         yield _latency(
-            "edgefleet_latency_p95_ms",
-            f"p95 latency per release across the fleet {window} (merged histograms).",
+            "edgefleet_latency_p95_seconds",
+            f"p95 latency in seconds per release across the fleet {window} (merged histograms).",
             ("model", "release"),
             fleet_release.items(),
         )
         yield _latency(
-            "edgefleet_latency_p95_by_profile_ms",
-            f"p95 latency per board profile and release {window}.",
+            "edgefleet_latency_p95_by_profile_seconds",
+            f"p95 latency in seconds per board profile and release {window}.",
             _RELEASE_LABELS,
             by_release.items(),
         )
@@ -229,17 +229,27 @@ def _shadow(rows: list[dict[str, Any]]) -> Iterator[Metric]:
     """Shadow evaluation of rollouts that hold their devices (candidate against serving)."""
     labels = ("rollout", "model", "release", "profile")
     keyed = [((r["rollout"], r["model"], str(r["release"]), r["profile"]), r) for r in rows]
-    for name, key, doc in (
-        ("edgefleet_shadow_agreement_ratio", "agreement", "Top-1 agreement, candidate/serving."),
+    for name, read, doc in (
+        ("edgefleet_shadow_agreement_ratio", _field("agreement"), "Top-1 agreement."),
         (
             "edgefleet_shadow_class_agreement_min_ratio",
-            "class_min",
+            _field("class_min"),
             "Weakest class with 5 frames or more.",
         ),
-        ("edgefleet_shadow_frames", "shadowed", "Frames the candidate ran in shadow."),
-        ("edgefleet_shadow_candidate_p95_ms", "candidate_p95_ms", "Candidate p95 invoke."),
+        ("edgefleet_shadow_frames", _field("shadowed"), "Frames the candidate ran in shadow."),
+        ("edgefleet_shadow_candidate_p95_seconds", _candidate_p95_s, "Candidate p95 invoke."),
     ):
-        yield _gauge(name, doc, labels, ((*k, r[key]) for k, r in keyed))
+        yield _gauge(name, doc, labels, ((*k, read(r)) for k, r in keyed))
+
+
+def _field(key: str) -> Callable[[dict[str, Any]], object]:
+    return lambda row: row[key]
+
+
+def _candidate_p95_s(row: dict[str, Any]) -> float | None:
+    """Prometheus wants base units (promtool rejects ``_ms``); the reports keep milliseconds."""
+    ms = row.get("candidate_p95_ms")
+    return None if ms is None else float(ms) / 1000.0
 
 
 def _gauge(
@@ -261,7 +271,7 @@ def _latency(
         for kind, sketch in (("invoke", group.values.invoke), ("e2e", group.values.e2e)):
             p95 = latency_sketch.quantile(sketch, 0.95)
             if p95 is not None:
-                family.add_metric([*key, kind], p95)
+                family.add_metric([*key, kind], p95 / 1000.0)  # sketches hold ms
     return family
 
 
