@@ -1,5 +1,8 @@
 """A private Mosquitto process for tests: own port, own password/ACL files, own persistence.
 
+It runs the configuration shipped in ``deploy/mosquitto/mosquitto.conf``
+(packet size limit, queue limits, persistence, no anonymous clients) with
+this test's paths, port and logging in place of the site-specific lines.
 Never the system broker on 1883 (it allows anonymous clients, so ACL tests
 would prove nothing there). ``configure_from_server`` runs the real operator
 flow: ``edgefleet mqtt export-acl`` against a running server, then SIGHUP.
@@ -29,6 +32,37 @@ from server.mqtt.acl import build_files, ingest_password_hash
 MOSQUITTO = "/usr/sbin/mosquitto"
 INGEST_USER = "edgefleet-ingest"
 WAIT_S = 20.0
+DEPLOY_CONF = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "mosquitto.conf"
+SITE_MARKER = "# --- site-specific listeners"
+
+
+def directives(text: str) -> dict[str, list[str]]:
+    """Every directive of a Mosquitto configuration and its values, in order (comments skipped)."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            found.setdefault(key, []).append(value.strip())
+    return found
+
+
+def render_config(text: str, overrides: dict[str, str | None], extra: list[str]) -> str:
+    """The shipped configuration up to its site-specific part, ``overrides`` replacing
+    (None: removing) directives, then ``extra`` lines (the test's listener)."""
+    lines, seen = [], set()
+    for line in text.split(SITE_MARKER, 1)[0].splitlines():
+        key = (
+            line.split(maxsplit=1)[0] if line.strip() and not line.lstrip().startswith("#") else ""
+        )
+        if key in overrides:
+            value = overrides[key]
+            if key not in seen and value is not None:
+                lines.append(f"{key} {value}")
+            seen.add(key)
+            continue
+        lines.append(line)
+    lines += [f"{k} {v}" for k, v in overrides.items() if k not in seen and v is not None]
+    return "\n".join([*lines, *extra]) + "\n"
 
 
 @dataclass(frozen=True)
@@ -65,22 +99,18 @@ class Mosquitto:
         self.passwd.write_text(files.passwd)
         self.acl.write_text(files.acl)
         self.conf = self.dir / "mosquitto.conf"
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous false",
-            f"password_file {self.passwd}",
-            f"acl_file {self.acl}",
-            "persistence true",
-            f"persistence_location {self.dir}/",
-            "autosave_interval 1",
-            f"log_dest file {self.log}",
-            "log_type all",
-            "user root" if os.geteuid() == 0 else "",
-            "max_queued_messages 100000",
-        ]
+        overrides: dict[str, str | None] = {
+            "password_file": str(self.passwd),
+            "acl_file": str(self.acl),
+            "persistence_location": f"{self.dir}/",
+            "log_dest": f"file {self.log}",
+            "log_type": "all",
+            "user": "root" if os.geteuid() == 0 else None,
+        }
+        listener = [f"listener {self.port} 127.0.0.1"]
         if tls is not None:
-            lines += [f"cafile {tls.ca}", f"certfile {tls.cert}", f"keyfile {tls.key}"]
-        self.conf.write_text("\n".join(lines) + "\n")
+            listener += [f"cafile {tls.ca}", f"certfile {tls.cert}", f"keyfile {tls.key}"]
+        self.conf.write_text(render_config(DEPLOY_CONF.read_text(), overrides, listener))
 
     @property
     def ingest_url(self) -> str:

@@ -31,7 +31,7 @@ def _serve(config: ServerConfig, conn: Connection) -> None:
     from server.app import start_server  # noqa: PLC0415
 
     logging.basicConfig(level=logging.WARNING)
-    for noisy in ("amqtt", "transitions"):
+    for noisy in ("alembic",):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         handle = start_server(config)

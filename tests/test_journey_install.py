@@ -25,7 +25,7 @@ from agent.profiles.schema import PROFILES_DIR_ENV, SHIPPED_PROFILES_DIR
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "agent", "server")
 SERVER_ONLY = (
-    "fastapi", "starlette", "uvicorn", "sqlalchemy", "pydantic", "pydantic_core", "amqtt",
+    "fastapi", "starlette", "uvicorn", "sqlalchemy", "pydantic", "pydantic_core", "alembic",
     "prometheus_client", "psycopg", "multipart", "python_multipart", "httptools", "uvloop",
     "bsdiff4", "plotly", "fastapi_offline",
 )  # fmt: skip

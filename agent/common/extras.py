@@ -14,7 +14,7 @@ EXTRA_OF: dict[str, str] = {
     **dict.fromkeys(
         (
             "fastapi", "starlette", "uvicorn", "httptools", "uvloop", "multipart",
-            "python_multipart", "sqlalchemy", "pydantic", "pydantic_core", "amqtt",
+            "python_multipart", "sqlalchemy", "pydantic", "pydantic_core", "alembic",
             "prometheus_client", "psycopg", "bsdiff4", "plotly", "fastapi_offline",
         ),
         "server",

@@ -1,48 +1,72 @@
-"""The embedded MQTT broker (amqtt) with per-device logins and topic ACLs.
+"""The embedded MQTT broker (MQTT 3.1.1) with per-device logins and topic ACLs.
 
 It runs in-process on its own thread and asyncio loop. Devices log in with
 username = device id and the MQTT password issued at enrollment (checked
 against its sha256 in the database); the server's own ingest client uses an
 internal credential. A device may publish only to its own telemetry, events,
-state and results topics and subscribe only to its own ``cmd`` topic.
+state and results topics (its Last Will included: a CONNECT whose will names
+any other topic is refused), may subscribe only to its own ``cmd`` topic, and
+receives nothing, live or retained, from outside its own topics.
 
 With a TLS certificate the device listener speaks TLS only, and a second,
-plain listener on 127.0.0.1 serves the server's own ingest client, so the
-certificate can name the public host. ``stop`` first disconnects devices
-and lets the broker hand every message it already acknowledged to the
-ingest, so a broker restart loses nothing the devices consider delivered.
+plain listener on 127.0.0.1 serves the server's own ingest client (and only
+it), so the certificate can name the public host. ``stop`` first stops
+reading from devices and lets the broker hand every message it already
+acknowledged to the ingest, so a broker restart loses nothing the devices
+consider delivered.
+
+The protocol work lives in ``broker_codec`` (packets), ``broker_core``
+(sessions, routing, retained messages, ``$share`` groups, back-pressure) and
+``broker_conn`` (one connection: keep-alive, packet size limit, will). It
+replaced amqtt 0.12.1, whose broker delivered wills and retained messages
+past the ACL, had no packet size limit, ignored keep-alive and could drop
+acknowledged messages while clients subscribed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import hmac
 import logging
+import ssl
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
-
-from amqtt.broker import Broker
-from amqtt.contexts import Action
-from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
-from amqtt.session import Session
 
 from agent.common.errors import ProtocolError
 from agent.protocol import topics
+from server.config import ServerConfig
 from server.errors import ServerError
+from server.mqtt.broker_conn import BrokerLimits, Connection
+from server.mqtt.broker_core import Core
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "INTERNAL_USERNAME",
+    "Action",
+    "BrokerError",
+    "BrokerLimits",
+    "BrokerTls",
+    "EmbeddedBroker",
+    "MqttAuthorizer",
+    "device_may_publish",
+    "device_may_receive",
+    "device_may_subscribe",
+]
 
 # A colon can never appear in a device id, so no device can claim this name.
 INTERNAL_USERNAME = "edgefleet:server"
 _INTERNAL_HOST = "127.0.0.1"
+_INTERNAL_MAX_CONNECTIONS = 16
 _DRAIN_POLL_S = 0.02
-_DEVICE_LISTENER = "default"
-_TLS_LISTENER = "devices-tls"
-_QUIET_POLLS = 5  # the broadcast loop may hold one message between its queue and a task
+_BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,20 @@ class BrokerTls:
 
 class BrokerError(ServerError):
     """The embedded broker could not start or stop."""
+
+
+class Action(enum.Enum):
+    PUBLISH = "publish"
+    SUBSCRIBE = "subscribe"
+    RECEIVE = "receive"
+
+
+def limits_from_config(cfg: ServerConfig) -> BrokerLimits:
+    return BrokerLimits(
+        max_packet_bytes=cfg.mqtt_max_packet_bytes,
+        max_queued_messages=cfg.broker_max_queued_messages,
+        max_inflight_messages=cfg.broker_max_inflight_messages,
+    )
 
 
 def device_may_publish(device_id: str, topic_name: str) -> bool:
@@ -112,50 +150,35 @@ class MqttAuthorizer:
             return device_may_subscribe(username, topic_name)
         return device_may_receive(username, topic_name)
 
+    # The broker's gate (``broker_conn.Gate``) and read ACL.
+    @staticmethod
+    def is_internal(username: str | None) -> bool:
+        return username == INTERNAL_USERNAME
 
-class DeviceAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
-    """amqtt auth plugin delegating to an ``MqttAuthorizer`` given in its config."""
+    def may_publish(self, username: str | None, topic_name: str) -> bool:
+        return self.allowed(username, topic_name, Action.PUBLISH)
 
-    @dataclass
-    class Config:
-        authorizer: Any = None
+    def may_subscribe(self, username: str | None, topic_filter: str) -> bool:
+        return self.allowed(username, topic_filter, Action.SUBSCRIBE)
 
-    async def authenticate(self, *, session: Session) -> bool:
-        authorizer: MqttAuthorizer = self.config.authorizer
-        # The check reads the database; keep it off the broker's event loop.
-        ok = await asyncio.to_thread(authorizer.login, session.username, session.password)
-        if not ok:
-            log.info("MQTT login refused for username %r", session.username)
-        return ok
+    def may_receive(self, username: str | None, topic_name: str) -> bool:
+        return self.allowed(username, topic_name, Action.RECEIVE)
 
 
-class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt is untyped
-    """amqtt topic plugin enforcing the per-device ACL."""
-
-    @dataclass
-    class Config:
-        authorizer: Any = None
-
-    async def topic_filtering(
-        self,
-        *,
-        session: Session | None = None,
-        topic: str | None = None,
-        action: Action | None = None,
-    ) -> bool:
-        if session is None or topic is None or action is None:
-            return False
-        ok = MqttAuthorizer.allowed(session.username, topic, action)
-        if not ok and action != Action.RECEIVE:
-            log.warning("MQTT %s denied: %r on %r", action, session.username, topic)
-        return ok
+class _Listener:
+    def __init__(self, limit: int, internal_only: bool) -> None:
+        self.limit = limit
+        self.internal_only = internal_only
+        self.count = 0
+        self.server: asyncio.Server | None = None
 
 
 class EmbeddedBroker:
-    """amqtt on its own thread; ``start`` returns the bound port, ``stop`` shuts it down.
+    """The broker on its own thread; ``start`` returns the bound port, ``stop`` shuts it down.
 
     A restart binds the port chosen by the first start, so clients reconnect
-    to the address they were given.
+    to the address they were given. Sessions and retained messages live in
+    memory and do not survive a stop.
     """
 
     def __init__(
@@ -168,11 +191,13 @@ class EmbeddedBroker:
         tls: BrokerTls | None = None,
         drain_timeout_s: float = 5.0,
         hold_devices_until_ingest: bool = False,
+        limits: BrokerLimits | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.tls = tls
         self.internal_port = 0  # the plain loopback listener for the ingest (TLS mode only)
+        self.limits = limits or BrokerLimits()
         self._authorizer = authorizer
         self._max_connections = max_connections
         self._drain_timeout_s = drain_timeout_s
@@ -180,6 +205,7 @@ class EmbeddedBroker:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
+        self._connections: dict[Connection, asyncio.Task[None]] = {}
 
     @property
     def running(self) -> bool:
@@ -190,55 +216,113 @@ class EmbeddedBroker:
         """Where the server's own client connects (plain TCP)."""
         return (_INTERNAL_HOST, self.internal_port) if self.tls else (self.host, self.port)
 
-    def _config(self) -> dict[str, Any]:
-        plugin_cfg = {"authorizer": self._authorizer}
-        listener: dict[str, Any] = {
-            "type": "tcp",
-            "bind": f"{self.host}:{self.port}",
-            "max_connections": self._max_connections,
-        }
-        listeners = {_DEVICE_LISTENER: listener}
-        if self.tls is not None:
-            # amqtt copies unset options from "default" into the other listeners,
-            # so "default" is the plain loopback one and the device one says ssl.
-            listener.update(
-                ssl=True, certfile=str(self.tls.cert_file), keyfile=str(self.tls.key_file)
-            )
-            listeners = {
-                "default": {
-                    "type": "tcp",
-                    "bind": f"{_INTERNAL_HOST}:{self.internal_port}",
-                    "max_connections": 16,
-                },
-                _TLS_LISTENER: listener,
-            }
-        return {
-            "listeners": listeners,
-            "plugins": {
-                f"{__name__}.DeviceAuthPlugin": plugin_cfg,
-                f"{__name__}.DeviceTopicPlugin": plugin_cfg,
-            },
-        }
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
+        return context
+
+    async def _accept(
+        self,
+        core: Core,
+        listener: _Listener,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        if listener.count >= listener.limit:
+            log.warning("MQTT connection refused: %d connections open", listener.count)
+            writer.transport.abort()
+            return
+        listener.count += 1
+        conn = Connection(
+            core,
+            self._authorizer,
+            self.limits,
+            reader,
+            writer,
+            internal_only=listener.internal_only,
+        )
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[conn] = task
+        try:
+            await conn.serve()
+        finally:
+            listener.count -= 1
+            self._connections.pop(conn, None)
+
+    async def _listen(
+        self, core: Core, listener: _Listener, host: str, port: int, tls: bool
+    ) -> int:
+        listener.server = await asyncio.start_server(
+            partial(self._accept, core, listener),
+            host,
+            port,
+            ssl=self._ssl_context() if tls else None,
+            reuse_address=True,
+            backlog=_BACKLOG,  # a fleet reconnects at once after a restart
+        )
+        return int(listener.server.sockets[0].getsockname()[1])
 
     async def _serve(self, started: Future[int]) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
+        core = Core(self._authorizer.may_receive, self.limits.max_queued_messages)
+        listeners: list[_Listener] = []
         try:
-            broker = Broker(self._config())
-            await broker.start()
+            devices = _Listener(self._max_connections, internal_only=False)
+            listeners.append(devices)
+            port = await self._listen(core, devices, self.host, self.port, self.tls is not None)
             if self.tls is not None:
-                self.internal_port = _bound_port(broker, "default")
-            port = _bound_port(broker, _TLS_LISTENER if self.tls else _DEVICE_LISTENER)
-        except Exception as err:
+                internal = _Listener(_INTERNAL_MAX_CONNECTIONS, internal_only=True)
+                listeners.append(internal)
+                self.internal_port = await self._listen(
+                    core, internal, _INTERNAL_HOST, self.internal_port, False
+                )
+        except (OSError, ssl.SSLError, ValueError) as err:
+            for listener in listeners:
+                if listener.server is not None:
+                    listener.server.close()
             started.set_exception(BrokerError(f"embedded MQTT broker failed to start: {err}"))
             return
         started.set_result(port)
         await self._stop_event.wait()
-        try:
-            await asyncio.wait_for(_drain(broker), self._drain_timeout_s)
-        except (TimeoutError, AttributeError, KeyError) as err:
-            log.warning("embedded broker stopped before draining: %r", err)
-        await broker.shutdown()
+        for listener in listeners:
+            assert listener.server is not None
+            listener.server.close()
+        await self._drain(core)
+        for conn in list(self._connections):
+            conn.abort()
+        tasks = list(self._connections.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._drain_timeout_s)
+
+    async def _drain(self, core: Core) -> None:
+        """Take nothing more from devices; let the ingest acknowledge everything queued for it.
+
+        A device deletes a message from its outbox on PUBACK, and the broker
+        sends that PUBACK once the message is in the ingest's session. So
+        before closing: stop reading from devices (whatever they send from now
+        on is unacknowledged and replayed from their outboxes after the
+        restart), then wait until the server's sessions have nothing queued
+        or in flight.
+        """
+        for conn in list(self._connections):
+            if not conn.internal:
+                conn.halt()
+        deadline = time.monotonic() + self._drain_timeout_s
+
+        def pending() -> int:
+            return sum(
+                s.backlog for s in core.sessions.values() if s.guaranteed and s.link is not None
+            )
+
+        while pending() and time.monotonic() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        left = sum(s.backlog for s in core.sessions.values() if s.guaranteed)
+        if left:
+            log.warning("embedded broker stopped with %d messages not handed to the ingest", left)
 
     def start(self, timeout: float = 20.0) -> int:
         if self.running:
@@ -257,7 +341,8 @@ class EmbeddedBroker:
     def stop(self, timeout: float = 20.0) -> None:
         if not self.running or self._loop is None or self._stop_event is None:
             return
-        self._loop.call_soon_threadsafe(self._stop_event.set)
+        with contextlib.suppress(RuntimeError):  # the loop may have just ended
+            self._loop.call_soon_threadsafe(self._stop_event.set)
         assert self._thread is not None
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -270,57 +355,3 @@ class EmbeddedBroker:
         if not self._authorizer.devices_open.is_set():
             log.info("ingest subscribed; embedded broker now accepts devices")
         self._authorizer.devices_open.set()
-
-
-def _bound_port(broker: Broker, listener: str) -> int:
-    server = broker._servers[listener].instance  # amqtt exposes no bound-port API
-    return int(server.sockets[0].getsockname()[1])
-
-
-async def _drain(broker: Broker) -> None:
-    """Stop reading from devices, then let everything they were acknowledged reach the ingest.
-
-    amqtt keeps nothing across a restart and its shutdown drops queued
-    deliveries, while a device deletes a message from its outbox on PUBACK,
-    and amqtt sends that PUBACK as soon as the message enters the session's
-    delivery queue. So: refuse new connections; pause reading on every
-    device connection (no new PUBLISH is taken, so no new PUBACK leaves;
-    whatever the device sends meanwhile is unacknowledged and replayed from
-    its outbox after the restart); wait until the device sessions' queues,
-    the broadcast queue and every delivery to the ingest have stayed empty
-    for a few polls; then drop the device connections. amqtt has no public
-    API for this, hence the private attributes (guarded by the caller).
-    """
-    for server in broker._servers.values():
-        if server.instance is not None:
-            server.instance.close()
-    devices = [
-        (session, handler)
-        for session, handler in list(broker._sessions.values())
-        if session.username != INTERNAL_USERNAME
-    ]
-    for _session, handler in devices:
-        _transport(handler, "pause_reading")
-    quiet = 0
-    while quiet < _QUIET_POLLS:
-        busy = (
-            any(
-                not s.delivered_message_queue.empty()
-                for s, _h in devices
-                if s.transitions.state == "connected"
-            )
-            or not broker._broadcast_queue.empty()
-            or any(not t.done() for t in broker._tasks_queue)
-        )
-        quiet = 0 if busy else quiet + 1
-        await asyncio.sleep(_DRAIN_POLL_S)
-    for _session, handler in devices:
-        _transport(handler, "abort")
-
-
-def _transport(handler: Any, action: str) -> None:
-    """Call ``pause_reading`` or ``abort`` on a client's asyncio transport."""
-    stream = getattr(getattr(handler, "writer", None), "_writer", None)
-    transport = getattr(stream, "transport", None)
-    if transport is not None and not transport.is_closing():
-        getattr(transport, action)()

@@ -1,7 +1,15 @@
 """Telemetry subscriber: stores each device's latest MQTT payload per channel.
 
 A paho-mqtt 2 client with a fixed client id and a persistent session
-(clean_session False) subscribes to ``edgefleet/v1/devices/+/+`` at QoS 1.
+(clean_session False; with MQTT 5, clean start off and a session that never
+expires) subscribes to ``edgefleet/v1/devices/+/+`` at QoS 1. On an external
+broker it speaks MQTT 5 and subscribes with "do not send retained messages":
+every device leaves a retained ``state``, and a fresh ingest would otherwise
+start with a storm of the whole fleet's. The embedded broker (MQTT 3.1.1)
+never replays retained messages to the server's own user. With a
+``share_group`` the subscription is ``$share/<group>/edgefleet/v1/devices/+/+``,
+so several ingest processes (each its own client id) split the stream; the
+broker hands each message to one of them.
 Without a ``sink``, paho acknowledges a QoS 1 message only after
 ``on_message`` has stored it. With a ``sink`` (``server.telemetry.writer.RollupWriter``,
 the server's default) messages are queued for batched writes, which also drop
@@ -9,8 +17,7 @@ QoS 1 repeats by (device, seq); paho acknowledges on queueing, so a server
 crash can lose what is queued (under ``flush_interval_s``). With
 ``manual_ack`` (an external, persistent broker configured never to drop
 queued messages) the PUBACK waits for the batch's commit instead. Not for the
-embedded broker: it lives and dies with this process anyway, and amqtt gives
-up on a delivery whose PUBACK takes over 5 s.
+embedded broker: it lives and dies with this process anyway.
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from functools import partial
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.common.errors import ProtocolError
 from agent.protocol import topics
@@ -37,9 +47,28 @@ from server.telemetry.writer import IngestClosedError, IngestMessage, RollupWrit
 
 log = logging.getLogger(__name__)
 
-SUBSCRIPTION = f"{topics.PREFIX}/+/+"
 _STORED_CHANNELS = ("telemetry", "events", "state", "results")
+# One filter per stored channel, not +/+: the commands the server itself publishes on
+# every device's cmd topic (up to the push rate) would otherwise come back to it.
+SUBSCRIPTIONS = tuple(f"{topics.PREFIX}/+/{channel}" for channel in _STORED_CHANNELS)
 _MAX_STATUS_CHARS = 64
+_SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT 5 Session Expiry Interval
+MQTT_VERSIONS = {"3.1.1": MQTTProtocolVersion.MQTTv311, "5": MQTTProtocolVersion.MQTTv5}
+
+
+def subscriptions(share_group: str | None) -> list[str]:
+    """The ingest's topic filters, shared across ingest processes when a group is given."""
+    return [f"$share/{share_group}/{s}" if share_group else s for s in SUBSCRIPTIONS]
+
+
+def ingest_protocol(version: str, *, external: bool) -> MQTTProtocolVersion:
+    """paho's protocol constant for ``ingest_mqtt_version`` ("auto": 5 only when external)."""
+    if version == "auto":
+        return MQTTProtocolVersion.MQTTv5 if external else MQTTProtocolVersion.MQTTv311
+    try:
+        return MQTT_VERSIONS[version]
+    except KeyError as err:
+        raise IngestError(f"unknown MQTT version {version!r}") from err
 
 
 class IngestError(ServerError):
@@ -76,13 +105,20 @@ def decode_payload(channel: str, payload: bytes, max_bytes: int) -> dict[str, An
     return value
 
 
-def _client(endpoint: MqttEndpoint, client_id: str, *, clean_session: bool) -> paho.Client:
+def _client(
+    endpoint: MqttEndpoint,
+    client_id: str,
+    *,
+    clean_session: bool,
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv311,
+) -> paho.Client:
     """The server's paho client for ``endpoint``, with its login and TLS."""
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        clean_session=clean_session,
-        protocol=paho.MQTTv311,
+        # MQTT 5 has no clean-session flag: clean start and session expiry go in CONNECT.
+        clean_session=clean_session if protocol != paho.MQTTv5 else None,
+        protocol=protocol,
     )
     if endpoint.username is not None:
         client.username_pw_set(endpoint.username, endpoint.password)
@@ -127,12 +163,15 @@ class TelemetryIngest:
         sink: RollupWriter | None = None,
         on_subscribed: Callable[[], None] | None = None,
         manual_ack: bool = False,
+        share_group: str | None = None,
+        protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv311,
     ) -> None:
         self._db = db
         self._sink = sink
         self._on_subscribed = on_subscribed
         self._generation = 0  # bumped per connection: an ack never crosses a reconnect
         self._endpoint = endpoint
+        self._client_id = client_id
         self._max_payload = max_payload_bytes
         self._keepalive = keepalive_s
         self._connected = threading.Event()
@@ -140,7 +179,9 @@ class TelemetryIngest:
         self._stored = 0
         self._rejected = 0
         self.results = ResultsRecorder(db)  # field accuracy windows from ``results``
-        client = _client(endpoint, client_id, clean_session=False)
+        self.subscriptions = subscriptions(share_group)
+        self._protocol = protocol
+        client = _client(endpoint, client_id, clean_session=False, protocol=protocol)
         client.manual_ack_set(sink is not None and manual_ack)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.on_connect = self._on_connect
@@ -162,9 +203,32 @@ class TelemetryIngest:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def endpoint(self) -> MqttEndpoint:
+        return self._endpoint
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    @property
+    def protocol(self) -> MQTTProtocolVersion:
+        return self._protocol
+
     def start(self, timeout: float = 20.0) -> None:
         """Connect and subscribe; keeps reconnecting in the background afterwards."""
-        self._client.connect_async(self._endpoint.host, self._endpoint.port, self._keepalive)
+        if self._protocol == paho.MQTTv5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = _SESSION_NEVER_EXPIRES
+            self._client.connect_async(
+                self._endpoint.host,
+                self._endpoint.port,
+                self._keepalive,
+                clean_start=False,
+                properties=properties,
+            )
+        else:
+            self._client.connect_async(self._endpoint.host, self._endpoint.port, self._keepalive)
         self._client.loop_start()
         if not self._connected.wait(timeout):
             self.stop()
@@ -199,7 +263,13 @@ class TelemetryIngest:
         # Subscribe on every connect: an embedded broker restart loses sessions.
         with self._lock:
             self._generation += 1
-        client.subscribe(SUBSCRIPTION, qos=topics.QOS)
+        if self._protocol == paho.MQTTv5:
+            options = SubscribeOptions(
+                qos=topics.QOS, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
+            )
+            client.subscribe([(s, options) for s in self.subscriptions])
+        else:
+            client.subscribe([(s, topics.QOS) for s in self.subscriptions])
 
     def _on_subscribe(
         self, _client: paho.Client, _userdata: Any, _mid: int, reasons: Any, _props: Any
@@ -211,7 +281,7 @@ class TelemetryIngest:
             self._on_subscribed()
         # "Connected" means subscribed: only now is a device's message sure to reach us.
         self._connected.set()
-        log.info("ingest subscribed to %s", SUBSCRIPTION)
+        log.info("ingest subscribed to %s", ", ".join(self.subscriptions))
 
     def _on_disconnect(
         self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
