@@ -49,6 +49,7 @@ from server.publish.reports import (
     signed_deltas,
 )
 from server.publish.service import Publisher, PublishRequest
+from server.push import queue as push_queue
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +367,11 @@ def assign(body: AssignmentIn, st: State) -> AssignmentOut:
     """Assign a published release to one device or to every device with a tag."""
     with st.db.session() as s:
         row = queries.create_assignment(s, body.name, body.release, body.device_id, body.tag)
+        if row.target_kind == "device":
+            push_queue.request(s, [row.target_value], "operator")
+        else:  # expanded now: a device tagged later learns of it from its own check-in
+            key, _, value = row.target_value.partition("=")
+            push_queue.request_tag(s, key, value, "operator")
         out = AssignmentOut.model_validate(row)
     log.info("assigned %s@%s to %s %s", body.name, body.release, row.target_kind, row.target_value)
     return out

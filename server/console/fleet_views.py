@@ -26,9 +26,9 @@ REGION_TAG = "region"
 HEALTH_WINDOW = timedelta(minutes=15)
 
 
-def online_since(now: datetime, online_window_s: float, poll_interval_s: float) -> datetime:
-    """As ``/metrics``: seen within the window (at least 3 check-ins) and not offline."""
-    return now - timedelta(seconds=max(online_window_s, 3 * poll_interval_s))
+def online_since(now: datetime, presence_window_s: float) -> datetime:
+    """As ``/metrics``: seen within ``ServerConfig.presence_window_s`` and not offline."""
+    return now - timedelta(seconds=presence_window_s)
 
 
 def overview(s: Session, since_online: datetime) -> dict[str, Any]:

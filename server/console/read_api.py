@@ -35,7 +35,7 @@ DeviceId = Annotated[str, Path(pattern=DEVICE_ID)]
 def fleet(st: State) -> dict[str, Any]:
     """The fleet at a glance: who is online where, what runs, how healthy it is."""
     cfg = st.config
-    since = fleet_views.online_since(utcnow(), cfg.online_window_s, cfg.poll_interval_s)
+    since = fleet_views.online_since(utcnow(), cfg.presence_window_s)
     with st.db.session() as s:
         return fleet_views.overview(s, since)
 

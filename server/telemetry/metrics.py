@@ -66,8 +66,7 @@ class FleetCollector(Collector):
 
     @property
     def online_window_s(self) -> float:
-        """A device checks in every poll interval even with nothing to report."""
-        return max(self._config.online_window_s, 3 * self._config.poll_interval_s)
+        return self._config.presence_window_s
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:

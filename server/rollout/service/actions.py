@@ -25,6 +25,7 @@ from agent.protocol.manifest import model_target_path, release_target_prefix
 from server.db import queries
 from server.db.tables import Assignment, Database, Device, Event, RolloutVariant, utcnow
 from server.errors import ConflictError, InvalidInputError, NotFoundError
+from server.push import queue as push_queue
 from server.rollout.core.cohorts import assign_cohorts
 from server.rollout.core.spec import RolloutSpec
 from server.rollout.core.states import (
@@ -315,6 +316,7 @@ def _revert(
         for at in range(0, len(rows), cfg.insert_chunk):
             s.execute(insert(Assignment), rows[at : at + cfg.insert_chunk])
         ids = [d for d, _, _, _ in back]
+        push_queue.request(s, ids, "revert", now)
         for at in range(0, len(ids), cfg.in_chunk):
             chunk = ids[at : at + cfg.in_chunk]
             s.execute(

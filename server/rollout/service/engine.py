@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from server.db.tables import Assignment, Database, Device, utcnow
 from server.errors import ServerError
+from server.push import queue as push_queue
 from server.rollout.core.decision import Decision, DecisionKind
 from server.rollout.core.policy import RolloutFacts, decide
 from server.rollout.core.spec import RolloutSpec
@@ -137,6 +138,7 @@ def start_devices(
     ]
     for at in range(0, len(assignments), cfg.insert_chunk):
         s.execute(insert(Assignment), assignments[at : at + cfg.insert_chunk])
+    push_queue.request(s, started, "desired", now)  # told at once, not at their next poll
     return rows
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from server.db.tables import Device, ShadowAssignment
+from server.push import queue as push_queue
 from server.rollout.core.shadow import ShadowReport
 from server.rollout.core.shadow_judge import MIN_EVIDENCE_FRAMES, fold
 from server.rollout.core.spec import RolloutSpec
@@ -32,8 +33,13 @@ HOLDING_STATES = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.AWAITI
 
 
 def clear(s: Session, rollout_id: str) -> int:
-    result = s.execute(delete(ShadowAssignment).where(ShadowAssignment.rollout_id == rollout_id))
-    return int(getattr(result, "rowcount", 0) or 0)
+    query = select(ShadowAssignment.device_id).where(ShadowAssignment.rollout_id == rollout_id)
+    gone = list(s.scalars(query))
+    if not gone:
+        return 0
+    s.execute(delete(ShadowAssignment).where(ShadowAssignment.rollout_id == rollout_id))
+    push_queue.request(s, gone, "shadow")  # stop shadowing now, not at the next poll
+    return len(gone)
 
 
 def sync_assignments(
@@ -70,6 +76,7 @@ def sync_assignments(
                 for device_id in chunk
             ],
         )
+    push_queue.request(s, [*new, *gone], "shadow")
     return len(new), len(gone)
 
 
