@@ -10,36 +10,43 @@
    directly in the database with the server's own ``store.enroll_device`` and
    ``store.record_checkin`` (already on release 1): enrolling 65,000 devices over
    HTTP would measure enrollment. Everything after that goes over the wire.
-4. The simulator (this process) runs every device: check-ins over HTTP, update
-   events over HTTP (and MQTT for the linked sample), telemetry windows over MQTT
-   for ``--mqtt-devices`` devices spread over the fleet (the gates' sample).
-5. A rollout of release 2 to all of them, stages 1%,10%,50%,100%, soak ``--soak``.
+4. The simulator (this process) runs every device: conditional check-ins over
+   HTTP (If-None-Match), update events over HTTP (and MQTT for the linked
+   sample), telemetry windows over MQTT for ``--mqtt-devices`` devices spread over
+   the fleet (the gates' sample). Each device, for each update, refreshes its TUF
+   metadata and downloads its own delta over HTTP (``--artifacts-url`` for a static
+   host; default the server's /tuf/ paths) and reports the bytes.
+5. Push mode (the default): the server pushes ``checkin`` commands at ``--push-rate``
+   per second and advertises a long fallback poll (900 s unless ``--poll-interval``).
+   The linked sample hears its commands on its own MQTT session; the rest of the
+   fleet through one shared relay subscription to every ``cmd`` topic (an external
+   broker that lets it read them, e.g. an anonymous Mosquitto; with
+   ``--embedded-broker`` every device gets its own session instead). ``--poll``
+   turns pushes off: devices poll every ``--poll-interval`` (default 60) seconds.
+6. ``--steady`` seconds of steady state are measured first, then a rollout of
+   release 2 to every device, stages 1%,10%,50%,100%, soak ``--soak``.
    The engine tick is timed by the server's own scheduler, which keeps the
    rollout's device facts in memory between ticks (``rollout.service.snapshot``):
    the mean over the rollout comes from its ``edgefleet_rollout_tick_seconds`` and
    ``edgefleet_rollout_ticks`` counters on ``/metrics``, read before and after.
 
 Loopback only; bounded by ``--max-minutes``. The last line is exactly
-``devices=N checkins_per_s=X p99_ms=Y errors=E tick_ms=T``: check-ins per second
-and their p99 over the rollout, every error the simulated devices met (plus one
-if the rollout did not complete within the run), and the mean engine tick.
-With ``--shadow-every N`` every stage first shadows the candidate (the linked
-sample reports agreement) and ``shadow_windows=W`` is appended.
+``devices=N checkins_per_s=X p99_ms=Y errors=E tick_ms=T p99_steady_ms=S
+p99_rollout_ms=R fleet_updated_s=F``: check-ins per second and their p99 over the
+rollout, every error the simulated devices met (plus one if the rollout did not
+complete within the run), the mean engine tick, the check-in p99 in the steady
+phase and during the rollout, and the seconds from the rollout's creation until
+every device had reported the new release (nan if some never did). With
+``--shadow-every N`` every stage first shadows the candidate (the linked sample
+reports agreement) and ``shadow_windows=W`` is appended.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,9 +54,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
 import requests  # noqa: E402
-from psycopg import sql  # noqa: E402
+from bench_server import fresh_schema, load_average, publish, server_process, tick_counters  # noqa: E402
 
 from agent.protocol.api import DesiredTarget, InstalledModel, MqttCredentials  # noqa: E402
 from agent.protocol.manifest import model_target_path  # noqa: E402
@@ -58,7 +64,6 @@ from server.db.tables import Database  # noqa: E402
 from server.simulator import Fleet, FleetThread, SimConfig, WindowSpec, build_behaviour  # noqa: E402
 from server.simulator.provision import provision  # noqa: E402
 
-FIXTURES = ROOT / "tests" / "fixtures"
 STAGES = "1%,10%,50%,100%"
 
 
@@ -68,7 +73,8 @@ class Bench:
     db_url: str
     mqtt_url: str | None
     mqtt_devices: int
-    poll_s: float
+    poll_s: float  # 0: the server's default (900 s while pushing)
+    push_rate: float  # 0: poll mode
     tick_s: float
     soak: str
     window_s: float
@@ -78,104 +84,22 @@ class Bench:
     shadow_duration: str = "10s"
     shadow_timeout: str = "2m"
     status_every_s: float = 5.0
+    steady_s: float = 30.0
+    download_connections: int = 16
+    artifacts_url: str | None = None
+
+    @property
+    def push(self) -> bool:
+        return self.push_rate > 0
+
+    @property
+    def interval_s(self) -> float:
+        """The poll interval the devices will be told."""
+        return self.poll_s or (900.0 if self.push else 30.0)
 
 
 def say(text: str) -> None:
     print(text, flush=True)
-
-
-@contextmanager
-def fresh_schema(url: str) -> Iterator[str]:
-    """A new schema for this run; the URL handed on puts it first on the search path."""
-    schema = f"bench_{secrets.token_hex(4)}"
-    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    sep = "&" if "?" in url else "?"
-    try:
-        yield f"{url}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def server_process(bench: Bench, db_url: str, data: Path) -> Iterator[dict[str, Any]]:
-    port, token, enroll = free_port(), secrets.token_urlsafe(24), secrets.token_urlsafe(16)
-    cmd = [
-        sys.executable,
-        "-m",
-        "server.main",
-        "run",
-        "--data",
-        str(data),
-        "--port",
-        str(port),
-        "--db-url",
-        db_url,
-        "--operator-token",
-        token,
-        "--enrollment-token",
-        enroll,
-        "--poll-interval",
-        str(bench.poll_s),
-        "--log-level",
-        "warning",
-        "--ingest-client-id",
-        f"bench-ingest-{secrets.token_hex(4)}",
-    ]
-    if bench.mqtt_url:
-        cmd += ["--mqtt-url", bench.mqtt_url]
-    env = {**os.environ, "EDGEFLEET_ROLLOUT_TICK_S": str(bench.tick_s)}
-    log = open(data / "server.log", "w")  # noqa: SIM115 - closed below
-    # Its own session: a Ctrl-C meant for the benchmark must not stop the server under it.
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited: see {data / 'server.log'}")
-            try:
-                if requests.get(url + "/healthz", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not come up within 60 s")
-            time.sleep(0.3)
-        yield {"url": url, "token": token, "enroll": enroll, "pid": proc.pid, "db_url": db_url}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
-
-
-def publish(url: str, token: str) -> dict[int, dict[str, Any]]:
-    out = {}
-    for release in (1, 2):
-        model = FIXTURES / f"digits_int8_r{release}.tflite"
-        with open(model, "rb") as fh:
-            resp = requests.post(
-                url + "/api/v1/models", headers={"Authorization": f"Bearer {token}"},
-                files={"file": (model.name, fh)}, timeout=300,
-                data={"name": "digits", "release": str(release), "variant": "int8-cpu",
-                      "labels": ",".join(str(i) for i in range(10)), "input_range": "0,1"},
-            )  # fmt: skip
-        resp.raise_for_status()
-        out[release] = resp.json()
-    return out
 
 
 def broker_for_devices(bench: Bench, url: str, token: str) -> MqttCredentials:
@@ -197,30 +121,11 @@ def progress(done: int, total: int) -> None:
         say(f"  provisioned {done}/{total}")
 
 
-def tick_counters(url: str, token: str) -> tuple[float, float]:
-    """The server's (ticks, seconds ticking) so far, from ``/metrics``."""
-    text = requests.get(
-        url + "/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=60
-    ).text
-    found = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("edgefleet_rollout_ticks_total", "edgefleet_rollout_tick_seconds_total"):
-            found[name] = float(value)
-    return (
-        found.get("edgefleet_rollout_ticks_total", 0.0),
-        found.get("edgefleet_rollout_tick_seconds_total", 0.0),
-    )
-
-
-def load_average() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.1f} {five:.1f} {fifteen:.1f} on {os.cpu_count()} cores"
-
-
 def run(bench: Bench, work: Path) -> str:
     say(f"start: {load_average()}")
-    with fresh_schema(bench.db_url) as db_url, server_process(bench, db_url, work) as srv:
+    kw: dict[str, Any] = {"poll_s": bench.poll_s, "push_rate": bench.push_rate,
+                          "mqtt_url": bench.mqtt_url, "tick_s": bench.tick_s}  # fmt: skip
+    with fresh_schema(bench.db_url) as db_url, server_process(db_url, work, **kw) as srv:
         say(
             f"server pid {srv['pid']} at {srv['url']} on PostgreSQL "
             f"({'MQTT ' + bench.mqtt_url if bench.mqtt_url else 'embedded broker'})"
@@ -228,19 +133,29 @@ def run(bench: Bench, work: Path) -> str:
         published = publish(srv["url"], srv["token"])
         r1 = published[1]
         stores = max(1, bench.devices // 20)  # 20 cameras a store, 20 regions
+        mqtt = broker_for_devices(bench, srv["url"], srv["enroll"])
+        linked, relay = bench.mqtt_devices, None
+        if bench.push and bench.mqtt_url:  # one shared subscription for the other devices
+            relay = MqttCredentials(mqtt.host, mqtt.port, "", "", mqtt.tls)
+        elif bench.push:  # the embedded broker lets no device read others' commands
+            linked = bench.devices
+            say(f"embedded broker: all {linked} devices get their own MQTT session for pushes")
         config = SimConfig(
             devices=bench.devices,
             prefix="bench",
             stores=stores,
             regions=min(20, stores),
             http_connections=bench.connections,
-            mqtt_devices=bench.mqtt_devices,
+            download_connections=bench.download_connections,
+            artifacts_url=bench.artifacts_url,
+            mqtt_devices=linked,
+            relay=relay,
+            first_checkin_s=bench.interval_s,  # already running: check-ins spread evenly
             telemetry=WindowSpec(window_s=bench.window_s),
             poll_s=None,
         )
         behaviour = build_behaviour(seed=1)
         db = Database(db_url)
-        mqtt = broker_for_devices(bench, srv["url"], srv["enroll"])
         installed = InstalledModel("digits", 1, "int8-cpu", r1["sha256"], "a")
         started = time.perf_counter()
         fleet_plan = Fleet(srv["url"], config, behaviour, work / "cache").plan
@@ -303,20 +218,33 @@ def drive(bench: Bench, fleet: FleetThread, srv: dict[str, Any]) -> str:
         time.sleep(0.5)
     time.sleep(2.0)  # let the server's telemetry writer flush the baseline
     fleet.call(lambda f: f.stats.reset_checkins())
+    say(f"steady state for {bench.steady_s:.0f} s ({'push' if bench.push else 'poll'} mode, "
+        f"poll interval {bench.interval_s:.0f} s)")  # fmt: skip
+    time.sleep(bench.steady_s)
+    steady = fleet.report()
+    say(f"steady: {steady.checkins_per_s:.1f} check-ins/s, p99 {steady.checkin_p99_ms} ms, "
+        f"{steady.not_modified} not modified, {steady.errors} errors")  # fmt: skip
+    fleet.call(start_rollout_phase)
     body = {"release": "digits@2", "select": ["fleet=bench"], "stages": STAGES,
             "soak": bench.soak, "timeout": "1h", "start": True,
             "max_concurrent_downloads": min(bench.devices, 100_000)}  # fmt: skip
     if bench.shadow_every:
         # Every stage shadows first; the MQTT-linked sample reports the agreement.
         # Only that sample can report, so a profile waits for it until the stage timeout.
-        body.update(shadow_every=bench.shadow_every, shadow_duration=bench.shadow_duration,
-                    timeout=bench.shadow_timeout)
+        body.update(
+            shadow_every=bench.shadow_every,
+            shadow_duration=bench.shadow_duration,
+            timeout=bench.shadow_timeout,
+        )
+    created = time.monotonic()
     resp = op.post(srv["url"] + "/api/v1/rollouts", timeout=600, json=body)
     ticks_before, seconds_before = tick_counters(srv["url"], srv["token"])
     resp.raise_for_status()
     rollout_id = resp.json()["id"]
     say(f"rollout {rollout_id}: release 2 to {bench.devices} devices in stages {STAGES}")
     state, stage = watch(bench, fleet, op, f"{srv['url']}/api/v1/rollouts/{rollout_id}")
+    steady_p99 = steady.checkin_p99_by_phase_ms.get("steady")
+    updated_s = fleet_updated(bench, fleet, created)
     ticks_after, seconds_after = tick_counters(srv["url"], srv["token"])
     ticks = ticks_after - ticks_before
     report = fleet.report()
@@ -330,11 +258,35 @@ def drive(bench: Bench, fleet: FleetThread, srv: dict[str, Any]) -> str:
         say(f"the rollout did not complete within the run: it is {state} in stage {stage}/4")
     errors = report.errors + (0 if state == "completed" else 1)
     shadow = f" shadow_windows={report.shadow_windows}" if bench.shadow_every else ""
+    rollout_p99 = report.checkin_p99_by_phase_ms.get("rollout")
+    nan = float("nan")
     return (
         f"devices={bench.devices} checkins_per_s={report.checkins_per_s:.1f} "
-        f"p99_ms={report.checkin_p99_ms or float('nan'):.1f} errors={errors} "
-        f"tick_ms={tick_ms:.1f}{shadow}"
+        f"p99_ms={report.checkin_p99_ms or nan:.1f} errors={errors} "
+        f"tick_ms={tick_ms:.1f} p99_steady_ms={steady_p99 or nan:.1f} "
+        f"p99_rollout_ms={rollout_p99 or nan:.1f} "
+        f"fleet_updated_s={updated_s:.1f}{shadow}"
     )
+
+
+def start_rollout_phase(fleet: Fleet) -> None:
+    fleet.stats.reset_checkins()
+    fleet.stats.set_phase("rollout")
+
+
+def fleet_updated(bench: Bench, fleet: FleetThread, created: float) -> float:
+    """Seconds from the rollout's creation until the last device reported release 2."""
+    deadline = time.monotonic() + 30  # the rollout may complete before the last report
+    while True:
+        on_new = fleet.report().releases.get("digits@2", 0)
+        if on_new == bench.devices or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    last = fleet.call(lambda f: f.stats.last_commit_at)
+    if on_new != bench.devices or last is None:
+        say(f"only {on_new} of {bench.devices} devices run release 2")
+        return float("nan")
+    return last - created
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,7 +296,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="external broker")
     p.add_argument("--embedded-broker", action="store_true", help="use the server's own broker")
     p.add_argument("--mqtt-devices", type=int, default=300, help="MQTT-linked sample (gates)")
-    p.add_argument("--poll", type=float, default=60.0, help="check-in interval the server sets")
+    p.add_argument("--poll", action="store_true", help="no pushes: devices poll (old mode)")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.0,
+        help="check-in interval the server sets (default 900 s pushing, 60 polling)",
+    )
+    p.add_argument("--push-rate", type=float, default=250.0, help="pushes per second")
+    p.add_argument("--steady", type=float, default=30.0, help="steady-state seconds measured")
+    p.add_argument("--artifacts-url", help="static host with /tuf/ (default: the server)")
+    p.add_argument(
+        "--download-connections",
+        type=int,
+        default=16,
+        help="simulator connections for metadata and targets",
+    )
     p.add_argument("--tick", type=float, default=1.0, help="rollout scheduler interval (s)")
     p.add_argument("--soak", default="5s", help="per-stage soak, compressed")
     p.add_argument("--window", type=float, default=10.0, help="telemetry window (s)")
@@ -359,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(
         devices=args.devices, db_url=args.db_url,
         mqtt_url=None if args.embedded_broker else args.mqtt_url,
-        mqtt_devices=min(args.mqtt_devices, args.devices), poll_s=args.poll, tick_s=args.tick,
+        mqtt_devices=min(args.mqtt_devices, args.devices), tick_s=args.tick,
+        poll_s=args.poll_interval or (60.0 if args.poll else 0.0),
+        push_rate=0.0 if args.poll else args.push_rate, steady_s=args.steady,
+        artifacts_url=args.artifacts_url, download_connections=args.download_connections,
         soak=args.soak, window_s=args.window, connections=args.connections,
         max_minutes=args.max_minutes, shadow_every=args.shadow_every,
         shadow_duration=args.shadow_duration, shadow_timeout=args.shadow_timeout,

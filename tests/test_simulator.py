@@ -29,6 +29,7 @@ from server.simulator import (
     plan_fleet,
 )
 from server.simulator.device import Context, SimDevice
+from server.simulator.device_fetch import DeviceFetch
 from server.simulator.http import DeviceHttp
 from server.simulator.http_pool import HttpPool, HttpPoolError, PoolLimits
 from server.simulator.payloads import latency_summary, telemetry_window
@@ -367,7 +368,9 @@ def test_an_update_reaches_http_as_one_batch_and_a_failed_batch_is_retried(
         behaviour = build_behaviour(["rpi4"])
         stats = FleetStats()
         http = DeviceHttp(url, 2, 5.0, stats)
-        ctx = Context(config, behaviour, http, SharedArtifacts(url, b"{}", tmp_path), stats)
+        fetch = DeviceFetch(url, 1, 5.0, stats, user_agent="test")
+        artifacts = SharedArtifacts(url, b"{}", tmp_path)
+        ctx = Context(config, behaviour, http, artifacts, stats, fetch)
         device = SimDevice(plan_fleet(config, behaviour)[0], "dev-sim-1", "tok", None, ctx)
         requests = []
         try:
@@ -377,6 +380,7 @@ def test_an_update_reaches_http_as_one_batch_and_a_failed_batch_is_retried(
             await device.flush_events()
         finally:
             await http.close()
+            await fetch.close()
             server.close()
         return device, requests
 

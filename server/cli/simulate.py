@@ -3,7 +3,11 @@
 The devices enroll with an enrollment token, check in, install what the
 director assigns (TUF-verified once for the whole fleet), report every
 update step and publish telemetry, with per-profile and per-release
-behaviour from ``--profile`` and ``--effect``. It prints a progress line
+behaviour from ``--profile`` and ``--effect``. They check in when the server
+pushes a ``checkin`` command on their MQTT ``cmd`` topic (their own session,
+or ``--relay-mqtt`` for those without one), conditionally (If-None-Match), and
+otherwise poll at the interval the server advertises. Each device fetches its
+own TUF metadata and target bytes, from the server or ``--artifacts-url``. It prints a progress line
 every ``--report-every`` seconds and a final summary (JSON with ``--json``).
 """
 
@@ -18,12 +22,26 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from agent.protocol.api import MqttCredentials
 from server.cli.common import CliError, command_parser, emit
-from server.errors import InvalidInputError
+from server.config import parse_mqtt_url
+from server.errors import ConfigError, InvalidInputError
 from server.simulator import Fleet, Report, SimConfig, WindowSpec, build_behaviour
 from server.simulator.plan import EVENT_ROUTES, FAIL_STEPS
 
 ENROLLMENT_TOKEN_ENV = "EDGEFLEET_ENROLLMENT_TOKEN"  # noqa: S105 - a variable name
+
+
+def _relay(url: str | None) -> MqttCredentials | None:
+    if not url:
+        return None
+    try:
+        endpoint = parse_mqtt_url(url)
+    except ConfigError as err:  # its message would repeat the URL, password and all
+        raise CliError("--relay-mqtt must look like mqtt://[user:pass@]host[:port]") from err
+    return MqttCredentials(
+        endpoint.host, endpoint.port, endpoint.username or "", endpoint.password or "", endpoint.tls
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -39,6 +57,10 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         fail_step=args.fail_step,
         step_s=args.step,
         telemetry=WindowSpec(window_s=args.window),
+        artifacts_url=args.artifacts_url,
+        download_connections=args.download_connections,
+        relay=_relay(args.relay_mqtt),
+        first_checkin_s=args.first_checkin,
     )
 
 
@@ -174,6 +196,27 @@ def add_commands(subparsers: Any) -> None:
         type=_positive(int),
         default=32,
         help="HTTP connections shared by the fleet (default 32)",
+    )
+    p.add_argument(
+        "--artifacts-url",
+        help="base URL of /tuf/metadata/ and /tuf/targets/ (a static host; default: --server)",
+    )
+    p.add_argument(
+        "--download-connections",
+        type=_positive(int),
+        default=16,
+        help="HTTP connections for the devices' metadata and target downloads (default 16)",
+    )
+    p.add_argument(
+        "--relay-mqtt",
+        metavar="URL",
+        help="mqtt://[user:pass@]host:port with the right to read every cmd topic: one shared "
+        "session hands commands to devices without their own (default: they only poll)",
+    )
+    p.add_argument(
+        "--first-checkin",
+        type=float,
+        help="spread the first check-ins over this many seconds (default: the poll interval or 30)",
     )
     p.add_argument("--cache-dir", type=Path, help="where verified targets are kept")
     p.add_argument(

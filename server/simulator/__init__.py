@@ -3,6 +3,13 @@
 ``Fleet`` (asyncio) or ``FleetThread`` (for synchronous callers) runs the
 devices of a ``SimConfig`` with a ``Behaviour``; ``build_behaviour`` parses
 the per-profile and per-release knobs from operator text.
+
+Devices behave as the agent does on the wire: they check in when a ``checkin``
+command arrives on their ``cmd`` topic (their own MQTT session, or the shared
+``cmd_relay`` subscription for the rest of a large fleet), conditionally with
+If-None-Match, and otherwise poll at the advertised interval with jitter; each
+refreshes its own TUF metadata and downloads its own delta or full file
+(``device_fetch``), while signature checks run once per target (``artifacts``).
 """
 
 from __future__ import annotations

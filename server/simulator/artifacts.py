@@ -6,6 +6,8 @@ with the agent's resumable downloader and checked against the signed length
 and sha256 once, then every simulated device "has" them. A delta is fetched
 and applied once per (base, target) pair with the agent's decoder, and the
 result's sha256 checked, so the delta path the devices report is a real one.
+What is shared is the verification work; each device still downloads its own
+copy of the files ``Fetched.files`` names (``device_fetch``).
 
 The TUF client is synchronous (requests); its calls run on a worker thread
 under one asyncio lock. Metadata is refreshed when a target is not (yet)
@@ -58,12 +60,13 @@ class SignedModel:
 
 @dataclass(frozen=True)
 class Fetched:
-    """How a device got the target's bytes (shared), as the agent would report it."""
+    """How a device gets the target's bytes, as the agent would report it."""
 
     via: str  # "delta" | "full"
     bytes_downloaded: int
     delta_bytes: int
     fallback: str | None
+    files: tuple[TargetInfo, ...]  # what the device downloads, in order (a delta in vain too)
 
 
 class SharedArtifacts:
@@ -83,7 +86,8 @@ class SharedArtifacts:
         self._refreshed_at = -float("inf")
         self._infos: dict[str, TargetInfo | None] = {}  # None: not signed at the last refresh
         self._files: dict[str, Path] = {}  # sha256 -> verified file
-        self._deltas: dict[tuple[str, str], tuple[int, str | None]] = {}
+        # (base, target) -> (the signed delta or None, why it is not usable or None)
+        self._deltas: dict[tuple[str, str], tuple[TargetInfo | None, str | None]] = {}
         self.refreshes = 0
         self.downloads = 0
 
@@ -128,6 +132,10 @@ class SharedArtifacts:
 
         return await self._locked(lookup)
 
+    async def signed(self, path: str) -> TargetInfo:
+        """Signed facts about any target (a golden set, say); VerificationError if unsigned."""
+        return await self._locked(lambda: self._signed(path))
+
     async def file(self, info: TargetInfo) -> Path:
         """The target's bytes on local disk, downloaded and verified once for the fleet."""
         return await self._locked(lambda: self._file(info))
@@ -155,27 +163,31 @@ class SharedArtifacts:
         target = model.info
         if base is None or base.info.sha256 == target.sha256:
             self._file(target)
-            return Fetched("full", target.length, 0, None)
-        sent, problem = self._delta(model, base)
-        if problem is None:
-            return Fetched("delta", sent, sent, None)
+            return Fetched("full", target.length, 0, None, (target,))
+        delta, problem = self._delta(model, base)
+        if delta is not None and problem is None:
+            return Fetched("delta", delta.length, delta.length, None, (delta,))
         self._file(target)
         # As the agent reports it: a delta fetched in vain counts on top of the full file.
-        return Fetched("full", target.length + sent, sent, problem)
+        vain = (delta,) if delta is not None else ()
+        sent = delta.length if delta is not None else 0
+        return Fetched("full", target.length + sent, sent, problem, (*vain, target))
 
-    def _delta(self, model: SignedModel, base: SignedModel) -> tuple[int, str | None]:
-        """(delta bytes a device fetches, None) or (bytes fetched in vain, why it fell back)."""
+    def _delta(self, model: SignedModel, base: SignedModel) -> tuple[TargetInfo | None, str | None]:
+        """(the signed delta, None) or (the delta fetched in vain or None, why it fell back)."""
         key = (base.info.sha256, model.info.sha256)
         if key not in self._deltas:
             self._deltas[key] = self._try_delta(model, base)
         return self._deltas[key]
 
-    def _try_delta(self, model: SignedModel, base: SignedModel) -> tuple[int, str | None]:
+    def _try_delta(
+        self, model: SignedModel, base: SignedModel
+    ) -> tuple[TargetInfo | None, str | None]:
         m = model.manifest
         path = delta_target_path(m.name, m.release, m.variant, base.info.sha256)
         info = self._info(path)
         if info is None:
-            return 0, f"no signed delta from {base.info.sha256[:12]}"
+            return None, f"no signed delta from {base.info.sha256[:12]}"
         try:
             delta = DeltaManifest.from_custom(info.custom)
             if (delta.base_sha256, delta.target_sha256, delta.target_length) != (
@@ -191,6 +203,6 @@ class SharedArtifacts:
             self._trust.verify_file(model.info, rebuilt)
         except AgentError as err:
             log.warning("delta %s not usable: %s", path, err)
-            return info.length, str(err)
+            return info, str(err)
         self._files.setdefault(model.info.sha256, rebuilt)
-        return info.length, None
+        return info, None

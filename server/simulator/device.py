@@ -7,8 +7,11 @@ with ``{target, slot, reason}``, the ``download`` bandwidth report, and the
 ``golden_set`` score during the smoke test when the release ships one, which
 fails the smoke test below the release minimum (``agent.update.smoke``). HTTP copies
 of the events are batched by the agent's own ``agent.transport.event_queue``. Target
-metadata and bytes come from the fleet's ``SharedArtifacts``: verified with
-TUF once, shared by every device.
+metadata is verified with TUF once for the fleet (``SharedArtifacts``), but each
+device makes its own requests (``device_fetch``): a metadata refresh per update,
+then its own delta or full file and its golden set when it does not hold it; the
+bytes it received go into its ``download`` report and, as the agent's ``aux``
+report, the metadata and golden-set bytes.
 
 What differs from a real device is decided by ``Behaviour``: whether this
 device's install of a release fails (and at which step), whether it goes
@@ -25,15 +28,24 @@ from typing import Any
 
 from agent.common.errors import AgentError, ProtocolError, SmokeTestError, UpdateError
 from agent.inference.scoring import GoldenSetResult, GoldenSetSpec
-from agent.protocol.api import DesiredTarget, InstalledModel, MqttCredentials, ShadowTarget
+from agent.protocol.api import (
+    CheckinResponse,
+    DesiredTarget,
+    InstalledModel,
+    MqttCredentials,
+    ShadowTarget,
+)
+from agent.protocol.manifest import ModelManifest
 from agent.transport.event_queue import EventQueue
 from agent.update.smoke import golden_set_problem
 from agent.update.state_machine import Event, State, UpdateRecord
 from server.simulator.artifacts import SharedArtifacts, SignedModel
 from server.simulator.behaviour import Behaviour, Traits
+from server.simulator.device_fetch import DeviceFetch, KnownMetadata
 from server.simulator.http import DeviceHttp
 from server.simulator.mqtt_link import MqttLink
 from server.simulator.payloads import (
+    aux_report,
     download_report,
     golden_report,
     shadow_results,
@@ -54,6 +66,7 @@ class Context:
     http: DeviceHttp
     artifacts: SharedArtifacts
     stats: FleetStats
+    fetch: DeviceFetch  # each device's own metadata and target requests
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,11 @@ class SimDevice:
         self.wake = asyncio.Event()
         self.windows = 0
         self.events = EventQueue()  # HTTP copies waiting for their batch
+        self.etag: str | None = None  # of the last 200 check-in answer, for If-None-Match
+        self.last_reply: CheckinResponse | None = None  # what a 304 confirms
+        self.metadata = KnownMetadata()  # the TUF metadata versions this device holds
+        self.golden_held: set[str] = set()  # sha256 of golden sets already downloaded
+        self.metadata_bytes = 0  # received since the last aux report, as the agent counts
         self._traits: dict[int, Traits] = {}
 
     def traits(self, release: int) -> Traits:
@@ -117,6 +135,7 @@ class SimDevice:
     def on_command(self, command: dict[str, Any]) -> None:
         """Commands arrive on the device's ``cmd`` topic; ``checkin`` wakes it, as the agent."""
         if command.get("action") == "checkin":
+            self.ctx.stats.pushes += 1
             self.wake.set()
 
     def go_silent(self) -> None:
@@ -192,11 +211,11 @@ class SimDevice:
                 self.ctx.stats.failed += 1
         finally:
             self.record = self.record.cleared()
-        if committed:
-            self.ctx.stats.committed += 1
         # Usually a no-op (the final idle event flushed the queue); after a failed POST it is
         # the one retry before the device goes back to sleep.
         await self.flush_events()
+        if committed:
+            self.ctx.stats.committed_now()  # reported: the fleet-updated clock stops here
         return committed
 
     async def _chain(self, desired: DesiredTarget, traits: Traits) -> None:
@@ -204,9 +223,13 @@ class SimDevice:
         fail_at = self.ctx.config.fail_step if traits.fails_install else None
         artifacts = self.ctx.artifacts
         await self._pause()
-        model = await artifacts.model(desired)  # the device's own TUF check of the target
+        self.metadata_bytes += await self.ctx.fetch.refresh(self.metadata)  # its own refresh
+        model = await artifacts.model(desired)  # the TUF check, shared by the fleet
         base = self.active.model if self.active else None
         fetched = await artifacts.fetch(model, base)
+        received = 0
+        for info in fetched.files:  # this device's own bytes on the wire
+            received += await self.ctx.fetch.download(info)
         await self.report(
             "download",
             "done",
@@ -214,16 +237,14 @@ class SimDevice:
                 manifest=model.manifest,
                 update_id=self.record.update_id or "",
                 via=fetched.via,
-                bytes_downloaded=fetched.bytes_downloaded,
+                bytes_downloaded=received,
                 delta_bytes=fetched.delta_bytes,
                 fallback=fetched.fallback,
             ),
         )
         if fail_at == "download":
             raise UpdateError("download", f"simulated download failure on {self.plan.profile}")
-        await self._go(
-            Event.SUCCESS, via=fetched.via, bytes_downloaded=fetched.bytes_downloaded
-        )  # -> verify
+        await self._go(Event.SUCCESS, via=fetched.via, bytes_downloaded=received)  # -> verify
         await self._pause()
         await self._go(Event.SUCCESS)  # -> install
         slot = "b" if self.active is not None and self.active.slot == "a" else "a"
@@ -248,6 +269,12 @@ class SimDevice:
             spec = GoldenSetSpec.from_extra(manifest.extra)
         except ProtocolError as err:
             raise SmokeTestError(f"golden set declaration invalid: {err}") from err
+        golden_bytes = 0
+        try:
+            if spec is not None:
+                golden_bytes = await self._golden_set(spec.path)
+        finally:  # as the agent: what the update cost besides the model, even on failure
+            await self._report_aux(manifest, golden_bytes)
         if spec is None:
             return
         count = min(spec.count, self.ctx.config.golden_count)
@@ -262,6 +289,24 @@ class SimDevice:
         problem = golden_set_problem(spec, result)
         if problem:
             raise SmokeTestError(problem)
+
+    async def _golden_set(self, path: str) -> int:
+        """Download the release's golden set unless this device holds it; bytes received."""
+        info = await self.ctx.artifacts.signed(path)
+        if info.sha256 in self.golden_held:
+            return 0
+        received = await self.ctx.fetch.download(info)
+        self.golden_held.add(info.sha256)
+        return received
+
+    async def _report_aux(self, manifest: ModelManifest, golden_bytes: int) -> None:
+        """The agent's ``download``/``aux`` report: golden set and metadata bytes."""
+        metadata, self.metadata_bytes = self.metadata_bytes, 0
+        await self.report(
+            "download",
+            "aux",
+            aux_report(manifest, f"{self.record.update_id}:aux"[:64], golden_bytes, metadata),
+        )
 
     # -- telemetry -----------------------------------------------------------------------
     def publish_window(self) -> bool:

@@ -2,10 +2,14 @@
 
 ``Fleet`` enrolls its planned devices over REST (or adopts devices created
 beforehand, such as the benchmark's bulk-provisioned ones), gives the linked
-ones their own MQTT session, and then runs one task per device: check in,
-run the update the director asks for, sleep until the next poll (or until a
-``checkin`` command wakes it). One task publishes every linked device's
-telemetry window each ``window_s``; another drives paho's keep-alives.
+ones their own MQTT session, and then runs one task per device: check in
+(conditionally, with the last answer's ETag), run the update the director
+asks for, sleep until the next poll (the advertised interval with +-10%
+jitter) or until a ``checkin`` command on its ``cmd`` topic wakes it. Devices
+without a session of their own hear their commands through the shared
+``cmd_relay`` when one is configured, else they only poll. One task publishes
+every linked device's telemetry window each ``window_s``; another drives
+paho's keep-alives.
 
 ``FleetThread`` runs a fleet on its own thread and loop for synchronous
 callers (tests, the benchmark) that drive the server's REST API meanwhile.
@@ -14,9 +18,10 @@ callers (tests, the benchmark) that drive the server's REST API meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import random
+import secrets
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -25,12 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent import __version__ as AGENT_VERSION  # noqa: N812
 from agent.common.errors import AgentError
 from agent.protocol.api import DesiredTarget, MqttCredentials
 from server.errors import ServerError
 from server.simulator.artifacts import ArtifactLimits, SharedArtifacts
 from server.simulator.behaviour import Behaviour, draw
+from server.simulator.cmd_relay import CommandRelay
 from server.simulator.device import Active, Context, SimDevice
+from server.simulator.device_fetch import DeviceFetch
 from server.simulator.http import DeviceHttp
 from server.simulator.mqtt_link import MqttLink
 from server.simulator.plan import PlannedDevice, SimConfig, plan_fleet
@@ -78,7 +86,11 @@ class Fleet:
         self.stats = FleetStats()
         self.devices: list[SimDevice] = []
         self._http: DeviceHttp | None = None
+        self._fetch: DeviceFetch | None = None
         self._ctx: Context | None = None
+        self.relay: CommandRelay | None = None
+        self._by_id: dict[str, SimDevice] = {}
+        self._rng = random.Random(behaviour.seed)  # noqa: S311 - poll jitter, not secrets
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
@@ -92,14 +104,26 @@ class Fleet:
             )
         return self._http
 
+    @property
+    def artifacts_url(self) -> str:
+        return (self.config.artifacts_url or self.server_url).rstrip("/")
+
     def context(self) -> Context:
         if self._ctx is None:
             if self.pinned_root is None:
                 raise SimulatorError("no pinned TUF root: give one, or enroll a device first")
+            cfg = self.config
             artifacts = SharedArtifacts(
-                self.server_url, self.pinned_root, self.cache_dir, self.artifact_limits
+                self.artifacts_url, self.pinned_root, self.cache_dir, self.artifact_limits
             )
-            self._ctx = Context(self.config, self.behaviour, self.http, artifacts, self.stats)
+            self._fetch = DeviceFetch(
+                self.artifacts_url,
+                cfg.download_connections,
+                cfg.http_timeout_s,
+                self.stats,
+                user_agent=f"edgefleet-sim/{AGENT_VERSION}",
+            )
+            self._ctx = Context(cfg, self.behaviour, self.http, artifacts, self.stats, self._fetch)
         return self._ctx
 
     async def enroll(self, token: str) -> None:
@@ -148,6 +172,7 @@ class Fleet:
             if model is not None:
                 device.active = Active(model, "a")
             self.devices.append(device)
+            self._by_id[device.device_id] = device
         self.stats.enrolled = len(self.devices)
 
     async def _connect(self) -> None:
@@ -161,6 +186,23 @@ class Fleet:
             failed = ok.count(False)
             for _ in range(failed):
                 self.stats.error("mqtt: connect failed")
+        relay = self.config.relay
+        if relay is not None and any(d.link is None for d in self.devices):
+            self.relay = CommandRelay(
+                # Its own client id per run: two simulators on one broker must not evict each other.
+                f"relay-{self.config.prefix}-{secrets.token_hex(3)}",
+                relay,
+                self.config.mqtt,
+                self._route,
+            )
+            if not await self.relay.connect():
+                self.stats.error("mqtt: relay connect failed")
+
+    def _route(self, device_id: str, command: dict[str, Any]) -> None:
+        """A command the relay heard, for a device that has no session of its own."""
+        device = self._by_id.get(device_id)
+        if device is not None and device.link is None and not device.silent:
+            device.on_command(command)
 
     # -- running ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -180,42 +222,62 @@ class Fleet:
         for d in self.devices:
             if d.link is not None:
                 await d.link.close()
+        if self.relay is not None:
+            await self.relay.close()
         if self._http is not None:
             await self._http.close()
+        if self._fetch is not None:
+            await self._fetch.close()
 
     def _interval(self, advertised: float | None) -> float:
+        """The next wait: the configured or advertised interval, jittered as the agent."""
         cfg = self.config
         if cfg.poll_s is not None:
-            return cfg.poll_s
-        return max(cfg.min_poll_s, advertised if advertised is not None else 30.0)
+            base = cfg.poll_s
+        else:
+            base = max(cfg.min_poll_s, advertised if advertised is not None else 30.0)
+        return base * self._rng.uniform(1.0 - cfg.poll_jitter, 1.0 + cfg.poll_jitter)
 
     async def _sleep(self, device: SimDevice, seconds: float) -> None:
         """Until the next poll, or earlier when a command wakes the device."""
-        if device.link is None:  # no commands can come: a plain timer is far cheaper
+        if device.link is None and self.relay is None:  # no command can come: a plain timer
             await asyncio.sleep(seconds)
             return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(device.wake.wait(), timeout=seconds)
-        device.wake.clear()
+        wake = device.wake
+        if not wake.is_set():
+            # A timer that sets the event is far cheaper than wait_for's task per sleep.
+            timer = asyncio.get_running_loop().call_later(seconds, wake.set)
+            try:
+                await wake.wait()
+            finally:
+                timer.cancel()
+        wake.clear()
 
     async def _device_loop(self, device: SimDevice) -> None:
-        advertised: float | None = None
-        first = self._interval(advertised) * draw(
-            self.behaviour.seed, device.plan.hardware_id, "first-checkin"
+        cfg = self.config
+        spread = cfg.first_checkin_s
+        if spread is None:
+            spread = cfg.poll_s if cfg.poll_s is not None else 30.0
+        await self._sleep(
+            device, spread * draw(self.behaviour.seed, device.plan.hardware_id, "first-checkin")
         )
-        await self._sleep(device, first)
+        advertised: float | None = None
         while not self._stopping.is_set() and not device.silent:
             try:
                 if device.events:  # as the agent: what an earlier flush could not deliver
                     await device.flush_events()
-                reply = await self.http.checkin(
-                    device.device_id, device.token, "idle", device.installed()
+                result = await self.http.checkin(
+                    device.device_id, device.token, "idle", device.installed(), device.etag
                 )
-                advertised = reply.poll_interval_s
-                device.shadow = reply.shadow
-                if device.wants(reply.desired):
-                    assert reply.desired is not None
-                    await device.update(reply.desired)
+                if result.reply is not None:
+                    device.last_reply, device.etag = result.reply, result.etag
+                reply = device.last_reply  # a 304 says the last answer still holds
+                if reply is not None:
+                    advertised = reply.poll_interval_s
+                    device.shadow = reply.shadow
+                    if device.wants(reply.desired):
+                        assert reply.desired is not None
+                        await device.update(reply.desired)
             except AgentError as err:
                 log.debug("device %s: %s", device.device_id, err)
             except Exception as err:  # a simulator bug must show, not kill the device
@@ -239,6 +301,8 @@ class Fleet:
 
     async def _misc_loop(self) -> None:
         while not self._stopping.is_set():
+            if self.relay is not None:
+                self.relay.misc()
             for i, device in enumerate(self.devices):
                 if device.link is not None:
                     device.link.misc()
@@ -257,6 +321,12 @@ class Fleet:
     def report(self) -> Report:
         links = [d.link for d in self.devices if d.link is not None]
         dropped = sum(link.dropped for link in links)
+        if (
+            self.relay is not None
+            and self.relay.refused
+            and "mqtt: relay refused" not in (self.stats.errors)
+        ):
+            self.stats.error("mqtt: relay refused")
         return self.stats.report(self.releases(), dropped, len(links))
 
 

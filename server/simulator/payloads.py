@@ -125,6 +125,24 @@ def download_report(
     }
 
 
+def aux_report(
+    manifest: ModelManifest, update_id: str, golden_bytes: int, metadata_bytes: int
+) -> dict[str, Any]:
+    """What an update cost besides the model, as the agent's ``download``/``aux`` report."""
+    return {
+        "update_id": update_id,
+        "via": "aux",
+        "name": manifest.name,
+        "release": manifest.release,
+        "variant": manifest.variant,
+        "bytes_downloaded": golden_bytes + metadata_bytes,
+        "target_bytes": 0,
+        "golden_set_bytes": golden_bytes,
+        "metadata_bytes": metadata_bytes,
+        "simulated": True,
+    }
+
+
 def golden_report(
     manifest: ModelManifest, accuracy: float, min_accuracy: float, count: int
 ) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from agent.protocol.api import MqttCredentials
 from server.errors import InvalidInputError
 from server.simulator.behaviour import Behaviour, draw
 from server.simulator.mqtt_link import LinkLimits
@@ -36,6 +37,12 @@ class SimConfig:
     enroll_concurrency: int = 16
     poll_s: float | None = None  # None: what the server says in each check-in reply
     min_poll_s: float = 0.2
+    poll_jitter: float = 0.1  # each wait is interval * uniform(1 - j, 1 + j), as the agent
+    first_checkin_s: float | None = None  # spread of the first check-ins (default: poll_s or 30)
+    artifacts_url: str | None = None  # base of /tuf/metadata/ and /tuf/targets/ (the server)
+    download_connections: int = 16  # concurrent metadata and target requests of the fleet
+    relay: MqttCredentials | None = None  # a login that may read every cmd topic: commands
+    # for devices without their own MQTT link (``cmd_relay``); None: those devices only poll
     mqtt_devices: int | None = None  # devices with their own MQTT link; None: all
     events: str = "both"  # how linked devices report events (unlinked ones use HTTP)
     fail_step: str = "smoke_test"  # where a simulated install failure strikes
@@ -52,8 +59,9 @@ class SimConfig:
             raise InvalidInputError(f"prefix {self.prefix[:40]!r} must match {_PREFIX.pattern}")
         if self.stores < 1 or self.regions < 1 or self.regions > self.stores:
             raise InvalidInputError("need 1 <= regions <= stores")
-        if self.http_connections < 1 or self.enroll_concurrency < 1 or self.max_attempts < 1:
+        if min(self.http_connections, self.enroll_concurrency, self.max_attempts) < 1:
             raise InvalidInputError("http_connections, enroll_concurrency, max_attempts >= 1")
+        self._check_polling()
         if self.http_timeout_s <= 0 or self.min_poll_s <= 0 or self.step_s < 0:
             raise InvalidInputError("timeouts and poll intervals must be positive")
         if self.poll_s is not None and self.poll_s < self.min_poll_s:
@@ -66,6 +74,14 @@ class SimConfig:
             raise InvalidInputError(f"fail_step must be one of {', '.join(FAIL_STEPS)}")
         if self.telemetry.window_s <= 0 or self.telemetry.fps <= 0:
             raise InvalidInputError("telemetry window_s and fps must be positive")
+
+    def _check_polling(self) -> None:
+        if self.download_connections < 1:
+            raise InvalidInputError("download_connections must be at least 1")
+        if not 0 <= self.poll_jitter < 1:
+            raise InvalidInputError("poll_jitter must be within [0, 1)")
+        if self.first_checkin_s is not None and self.first_checkin_s < 0:
+            raise InvalidInputError("first_checkin_s must not be negative")
 
     @property
     def linked(self) -> int:
