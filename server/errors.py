@@ -45,6 +45,16 @@ class ForbiddenError(ServerError):
     status = 403
 
 
+class RateLimitedError(ServerError):
+    """Too many requests for one key (enrollment token, device); retry after the wait."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class KeyStoreError(ServerError):
     """Signing keys are missing, unreadable or have unsafe permissions."""
 

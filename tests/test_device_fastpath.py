@@ -53,6 +53,8 @@ def enroll(
     tags: dict[str, str],
     prefs: tuple[str, ...] = ("int8-cpu",),
     replace: bool = False,
+    *,
+    proof: str | None = None,  # the device's current token: a takeover needs it
 ) -> EnrollResponse:
     body: dict[str, Any] = {
         "token": server.config.enrollment_tokens[0],
@@ -63,7 +65,8 @@ def enroll(
         "agent_version": "0.1.0",
         "replace": replace,
     }
-    resp = requests.post(f"{server.url}/api/v1/enroll", json=body, timeout=10)
+    headers = {"Authorization": f"Bearer {proof}"} if proof else {}
+    resp = requests.post(f"{server.url}/api/v1/enroll", json=body, headers=headers, timeout=10)
     assert resp.status_code == 200, resp.text
     return EnrollResponse.from_json(resp.json())
 
@@ -258,7 +261,8 @@ def test_wrong_tokens_are_401_and_another_devices_are_403(server: ServerHandle) 
         assert requests.post(url, json=body, timeout=10).status_code == 401
     assert stored_events(server, b.device_id) == []
 
-    again = enroll(server, "hw-tok-a", {}, replace=True)  # rotates the token: the old one is dead
+    # Re-enrolling with its token as proof rotates the token: the old one is dead.
+    again = enroll(server, "hw-tok-a", {}, replace=True, proof=a.device_token)
     assert checkin(server, a.device_id, a.device_token).status_code == 401
     assert checkin(server, again.device_id, again.device_token).status_code == 200
 

@@ -210,6 +210,12 @@ def test_a_second_agent_with_the_same_hardware_id_is_refused_unless_replace(
     [device] = devices(server)
     assert (device["profile"], device["tags"]) == ("rpi4", {"cam": "first"})  # untouched
 
+    # Taking it over needs the first's token (which the second lacks) or the operator's word.
+    code, _, err = enroll("second", "x86-gateway", "--replace")
+    assert code == 2 and "409" in err and "approve-reenroll" in err
+    approve = f"{server.url}/api/v1/devices/{first.device_id}/reenroll-approval"
+    auth = {"Authorization": f"Bearer {server.operator_token}"}
+    assert requests.post(approve, json={}, headers=auth, timeout=10).status_code == 200
     code, _, err = enroll("second", "x86-gateway", "--replace")
     assert code == 0, err
     second = load_identity(tmp_path / "second")

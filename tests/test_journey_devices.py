@@ -1,8 +1,10 @@
 """Enrollment conflicts and ``edgefleet device delete``: REST, the operator CLI and the store.
 
 A hardware id that is already enrolled is refused (409) unless the request says
-``replace``; deleting a device revokes its HTTP token and MQTT password at once and
-removes its rows, and its hardware id may then enroll again as a new device.
+``replace`` and proves it is that device (its current token as the bearer; more in
+tests/test_enroll_security.py); deleting a device revokes its HTTP token and MQTT
+password at once and removes its rows, and its hardware id may then enroll again as a
+new device.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ def server(server_factory: Callable[..., ServerHandle], tmp_path: Path) -> Serve
     return server_factory(tmp_path / "server")
 
 
-def enroll(server: ServerHandle, hw: str, replace: bool | None = None, **tags: str) -> Any:
+def enroll(
+    server: ServerHandle,
+    hw: str,
+    replace: bool | None = None,
+    proof: str | None = None,
+    **tags: str,
+) -> Any:
     body: dict[str, Any] = {
         "token": server.config.enrollment_tokens[0],
         "hardware_id": hw,
@@ -39,7 +47,8 @@ def enroll(server: ServerHandle, hw: str, replace: bool | None = None, **tags: s
     }
     if replace is not None:
         body["replace"] = replace
-    return requests.post(f"{server.url}/api/v1/enroll", json=body, timeout=10)
+    headers = {"Authorization": f"Bearer {proof}"} if proof is not None else {}
+    return requests.post(f"{server.url}/api/v1/enroll", json=body, headers=headers, timeout=10)
 
 
 def checkin_status(server: ServerHandle, device_id: str, token: str) -> int:
@@ -60,7 +69,7 @@ def cli(
     return code, out, err
 
 
-def test_enrolling_an_enrolled_hardware_id_needs_replace(server: ServerHandle) -> None:
+def test_enrolling_an_enrolled_hardware_id_needs_replace_and_proof(server: ServerHandle) -> None:
     first = enroll(server, "hw-twin", store="1").json()
     for replace in (None, False):
         resp = enroll(server, "hw-twin", replace, store="2")
@@ -68,8 +77,13 @@ def test_enrolling_an_enrolled_hardware_id_needs_replace(server: ServerHandle) -
         detail = resp.json()["error"]
         assert f"already enrolled as {first['device_id']}" in detail and "--replace" in detail
     assert checkin_status(server, first["device_id"], first["device_token"]) == 200
-
+    # ``replace`` alone is no longer enough: an enrollment token and a hardware id would
+    # let anyone lock the real device out.
     resp = enroll(server, "hw-twin", True, store="2")
+    assert resp.status_code == 409 and "current device token" in resp.json()["error"]
+    assert checkin_status(server, first["device_id"], first["device_token"]) == 200
+
+    resp = enroll(server, "hw-twin", True, proof=first["device_token"], store="2")
     assert resp.status_code == 200, resp.text
     second = resp.json()
     assert second["device_id"] == first["device_id"]

@@ -34,6 +34,8 @@ def enroll(
     tags: dict[str, str] | None = None,
     prefs: tuple[str, ...] = ("int8-cpu",),
     replace: bool = False,
+    *,
+    proof: str | None = None,  # the device's current token: a takeover needs it
 ) -> EnrollResponse:
     body = {
         "token": server.config.enrollment_tokens[0],
@@ -44,7 +46,8 @@ def enroll(
         "agent_version": "0.1.0",
         "replace": replace,
     }
-    resp = requests.post(f"{server.url}/api/v1/enroll", json=body, timeout=10)
+    headers = {"Authorization": f"Bearer {proof}"} if proof else {}
+    resp = requests.post(f"{server.url}/api/v1/enroll", json=body, headers=headers, timeout=10)
     assert resp.status_code == 200, resp.text
     return EnrollResponse.from_json(resp.json())
 
@@ -88,7 +91,9 @@ def test_enrollment_hands_out_credentials_and_the_pinned_root(module_server: Ser
     assert first.tuf_root["signed"]["_type"] == "root"
     assert checkin(module_server, first.device_id, first.device_token).status_code == 200
 
-    again = enroll(module_server, "hw-enroll-1", {"store": "2"}, replace=True)
+    again = enroll(
+        module_server, "hw-enroll-1", {"store": "2"}, replace=True, proof=first.device_token
+    )
     assert again.device_id == first.device_id
     assert again.device_token != first.device_token
     assert again.mqtt.password != first.mqtt.password
@@ -233,7 +238,7 @@ OPERATOR_CALLS: list[tuple[str, str, dict[str, Any]]] = [
 def test_operator_endpoints_refuse_missing_or_wrong_tokens(
     module_server: ServerHandle, method: str, path: str, kwargs: dict[str, Any]
 ) -> None:
-    device = enroll(module_server, "hw-op-401", replace=True)  # once per parameter
+    device = enroll(module_server, f"hw-op-401-{method}-{path}")  # once per parameter
     for headers in (
         {},
         {"Authorization": "Bearer wrong-token"},

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import AuthError, ServerError
+from server.errors import AuthError, RateLimitedError, ServerError
 
 log = logging.getLogger(__name__)
 _MAX_REPORTED = 5
@@ -53,6 +53,8 @@ async def _server_error(_request: Request, exc: Exception) -> JSONResponse:
     if exc.status >= 500:
         log.error("server error: %s", exc)
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthError) else None
+    if isinstance(exc, RateLimitedError):
+        headers = {"Retry-After": str(exc.retry_after_s)}
     return error_response(exc.status, str(exc), headers)
 
 

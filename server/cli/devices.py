@@ -1,12 +1,23 @@
-"""``edgefleet device``, ``assign`` and ``token``: the inventory and what it should run."""
+"""``edgefleet device``, ``assign`` and ``token``: the inventory and what it should run.
+
+``device approve-reenroll`` is how an operator lets a device that lost its token
+(a reflashed board) enroll again under its old id. Operator-forced credential
+rotation is deliberately absent: the device could not learn the new secret. The
+device rotates its own (``edgefleet-agent rotate-credentials``); to force new
+credentials on a device that cannot, approve a re-enrollment and re-enroll it.
+"""
 
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from typing import Any
 
 from server.cli.common import CliError, api_from, command_parser, emit, group, table
 from server.cli.telemetry import latest_lines
+from server.rollout.core.units import parse_duration
+
+MAX_APPROVAL_TTL = timedelta(days=7)  # as server.db.device_credentials.MAX_APPROVAL_TTL_S
 
 _DEVICE_COLUMNS = [
     ("DEVICE", "id"),
@@ -77,6 +88,19 @@ def _device_delete(args: argparse.Namespace) -> None:
     )
 
 
+def _approve_reenroll(args: argparse.Namespace) -> None:
+    ttl = parse_duration(args.ttl, "--ttl", longest=MAX_APPROVAL_TTL)
+    out = api_from(args).post(
+        f"/api/v1/devices/{args.id}/reenroll-approval", {"ttl_s": ttl.total_seconds()}
+    )
+    emit(
+        args,
+        out,
+        f"device {out['device_id']} may re-enroll once (edgefleet-agent enroll --replace) "
+        f"until {out['expires_at']}; its current credentials stop working when it does",
+    )
+
+
 def _assign(args: argparse.Namespace) -> None:
     name, sep, version = args.release.partition("@")
     if not sep or not version.isdigit():
@@ -114,6 +138,14 @@ def add_commands(sub: Any) -> None:
         device, "delete", "forget a device and revoke its credentials", _device_delete
     )
     p.add_argument("id")
+    p = command_parser(
+        device,
+        "approve-reenroll",
+        "let a device that lost its token enroll again under its id, once",
+        _approve_reenroll,
+    )
+    p.add_argument("id")
+    p.add_argument("--ttl", default="1h", help="how long the approval stays open (default 1h)")
 
     p = command_parser(sub, "assign", "assign a release to a device or a tag", _assign)
     p.add_argument("release", metavar="NAME@VERSION")
