@@ -266,4 +266,6 @@ def test_a_record_of_another_version_is_not_resumed(device: Device) -> None:
     data = UpdateRecord(state=State.COMMIT, target_path="x").to_json()
     record.write_text(json.dumps({**data, "version": 99}))
     up = device.updater()
-    assert up.record.state is State.IDLE  # refused, logged, started from idle
+    assert up.record.state is State.ROLLBACK  # refused, logged, rolled back (nothing to undo)
+    up.resume()
+    assert up.record.to_json()["state"] == "idle" and device.active_release() == 1

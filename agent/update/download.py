@@ -5,6 +5,12 @@ The bytes land in ``dest.part``; an interrupted download resumes with
 ever accepted, retries are bounded with exponential backoff, and a 4xx stops
 at once: a device must never loop on a download forever
 (rauc-hawkbit-updater #158). ``dest`` appears only once the sha256 matches.
+
+The whole call, retries and backoff included, has one deadline that scales
+with the signed length: ``timeout_s + max_length / min_rate_bps``
+(``agent.transport.deadline.download_budget``). A dripping or stalled server
+ends it with ``DownloadDeadlineError``; a slow but honest link above the floor
+rate finishes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ from agent.common.atomic import commit_file
 from agent.common.errors import UpdateError, VerificationError
 from agent.protocol.api import TUF_TARGETS_PREFIX
 from agent.protocol.manifest import check_sha256
+from agent.transport.deadline import (
+    DEFAULT_MIN_RATE_BPS,
+    Deadline,
+    DeadlineExceededError,
+    download_budget,
+    iter_body,
+    open_stream,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +56,11 @@ class DownloadLimits:
     backoff_max_s: float = 30.0
     timeout_s: float = 30.0
     chunk_size: int = 64 * 1024
+    min_rate_bps: int = DEFAULT_MIN_RATE_BPS  # floor rate the overall deadline assumes
+
+    def budget(self, max_length: int) -> float:
+        """Seconds one download() of at most ``max_length`` bytes may take, retries included."""
+        return download_budget(self.timeout_s, max_length, self.min_rate_bps)
 
     def backoff(self, failures: int) -> float:
         """Delay before retry number ``failures`` (1-based): base * 2^(n-1), capped."""
@@ -64,6 +83,14 @@ class DownloadError(UpdateError):
         self.status = status
 
 
+class DownloadDeadlineError(DownloadError):
+    """The download, retries included, ran past its length-scaled deadline."""
+
+    def __init__(self, reason: str, budget_s: float) -> None:
+        super().__init__(reason)
+        self.budget_s = budget_s
+
+
 class _TransientError(Exception):
     """A transient failure: connection lost, timeout, 5xx."""
 
@@ -80,6 +107,7 @@ class _Job:
     max_length: int
     limits: DownloadLimits
     progress: ProgressFn | None
+    deadline: Deadline
     transferred: int = 0
     resumed: bool = False
 
@@ -142,16 +170,17 @@ def _check_answer(resp: requests.Response, offset: int, max_length: int, part: P
     return start
 
 
-def _body(resp: requests.Response, chunk_size: int) -> Iterator[bytes]:
-    """Yield the body as it arrives.
+def _body(job: _Job, resp: requests.Response) -> Iterator[bytes]:
+    """Yield the body as it arrives, within the deadline.
 
     ``iter_content`` reads full chunks and loses a partial one when the
     connection drops; ``read1`` hands over every byte received, so the .part
     keeps all of it and the resume starts exactly where the data stopped.
     """
+    body = iter_body(resp, job.deadline, job.limits.timeout_s, job.limits.chunk_size)
     while True:
         try:
-            chunk = resp.raw.read1(chunk_size, decode_content=True)
+            chunk = next(body, b"")
         except (urllib3.exceptions.HTTPError, OSError) as err:
             raise _TransientError(f"connection lost: {err}") from err
         if not chunk:
@@ -167,13 +196,15 @@ def _attempt(job: _Job) -> tuple[int, str, bool]:
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
-        with job.session.get(url, headers=headers, stream=True, timeout=limits.timeout_s) as resp:
+        with open_stream(
+            job.session, "GET", url, job.deadline, limits.timeout_s, headers=headers
+        ) as resp:
             start = _check_answer(resp, offset, max_length, part)
             if start == 0:
                 offset, digest = 0, hashlib.sha256()
             job.resumed = start > 0  # whether the file finally kept earlier bytes
             with open(part, "ab" if start else "wb") as out:
-                for chunk in _body(resp, limits.chunk_size):
+                for chunk in _body(job, resp):
                     if offset + len(chunk) > max_length:
                         out.close()
                         part.unlink(missing_ok=True)
@@ -214,7 +245,8 @@ def download(
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    job = _Job(session or requests.Session(), url, part, max_length, limits, progress)
+    deadline = Deadline(limits.budget(max_length))
+    job = _Job(session or requests.Session(), url, part, max_length, limits, progress, deadline)
     if expected_sha256 is not None and part.exists():
         # A crash between the last byte and the rename leaves a complete part.
         size, digest = _resume_point(part, max_length)
@@ -234,13 +266,19 @@ def download(
                 )
             # A stale .part from another file: retry once from zero.
             raise _TransientError("resumed file failed its sha256 check; restarting from zero")
+        except DeadlineExceededError as err:
+            raise DownloadDeadlineError(
+                f"{url} not complete within {deadline.budget_s:.0f}s "
+                f"({job.transferred} bytes received): {err}",
+                deadline.budget_s,
+            ) from err
         except _TransientError as err:
             failures += 1
             if failures > limits.retries:
                 raise DownloadError(
                     f"giving up on {url} after {failures} attempts: {err}", err.status
                 ) from err
-            delay = limits.backoff(failures)
+            delay = min(limits.backoff(failures), max(0.0, deadline.remaining()))
             logger.warning(
                 "download of %s failed (%s); retry %d in %.1fs", url, err, failures, delay
             )

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import requests
+import urllib3
 from tuf.api import exceptions as tuf_exc  # light; tuf.ngclient is imported on first use
 
 from agent.common.errors import ProtocolError, VerificationError
 from agent.protocol.api import TUF_METADATA_PREFIX, TUF_TARGETS_PREFIX
 from agent.protocol.custom_fields import TargetInfo, decode_custom
 from agent.protocol.manifest import check_sha256
+from agent.transport.deadline import Deadline, DeadlineExceededError, iter_body, open_stream
 
 if TYPE_CHECKING:
     from tuf.ngclient.fetcher import FetcherInterface
@@ -47,6 +49,7 @@ class TrustLimits:
     """Bounds for metadata fetching; python-tuf enforces the length caps."""
 
     timeout_s: float = 30.0
+    deadline_s: float = 60.0  # overall, per metadata file: a dripping server cannot hold it
     chunk_size: int = 64 * 1024
     root_max_length: int = 512_000
     timestamp_max_length: int = 16_384
@@ -71,22 +74,40 @@ def _session_fetcher() -> Callable[
             self._session = session
             self._limits = limits
             self._count = count  # bytes received, for the bandwidth report
+            self._response: requests.Response | None = None
+
+        def download_bytes(self, url: str, max_length: int) -> bytes:
+            # python-tuf stops reading at max_length but leaves the chunk generator
+            # suspended in its traceback: close the connection now, not at the next
+            # GC, or an endless answer keeps a socket open to the attacker.
+            try:
+                return super().download_bytes(url, max_length)
+            finally:
+                if self._response is not None:
+                    self._response.close()
+                    self._response = None
 
         def _fetch(self, url: str) -> Iterator[bytes]:
-            response = self._session.get(url, stream=True, timeout=self._limits.timeout_s)
+            limits = self._limits
+            deadline = Deadline(limits.deadline_s)
+            response = open_stream(self._session, "GET", url, deadline, limits.timeout_s)
             if response.status_code >= 400:
                 response.close()
                 raise tuf_exc.DownloadHTTPError(
                     f"{url} answered HTTP {response.status_code}", response.status_code
                 )
-            return self._chunks(response)
+            self._response = response
+            return self._chunks(response, deadline)
 
-        def _chunks(self, response: requests.Response) -> Iterator[bytes]:
+        def _chunks(self, response: requests.Response, deadline: Deadline) -> Iterator[bytes]:
+            limits = self._limits
             try:
-                for chunk in response.iter_content(self._limits.chunk_size):
+                for chunk in iter_body(response, deadline, limits.timeout_s, limits.chunk_size):
                     self._count(len(chunk))
                     yield chunk
-            except requests.RequestException as err:
+            except (DeadlineExceededError, requests.RequestException, OSError) as err:
+                raise tuf_exc.DownloadError(f"connection lost: {err}") from err
+            except urllib3.exceptions.HTTPError as err:
                 raise tuf_exc.DownloadError(f"connection lost: {err}") from err
             finally:
                 response.close()

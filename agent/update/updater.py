@@ -3,6 +3,14 @@
 The transition logic lives in ``agent.update.state_machine`` (pure); this module is
 the IO edge: it persists the record before each durable step, talks to the
 server, TUF and the slots, and reports every step as an event.
+
+It cannot loop. Any exception in a step is that step's FAILURE and counts
+against the target; a state the agent keeps dying in (``MAX_RESTARTS``
+consecutive restarts with no step finished) is abandoned: rolled back, reported
+(``update/refused``) and the target refused. A target with
+``MAX_ATTEMPTS_PER_TARGET`` failures is refused too, until the server's desired
+target changes. A record the agent cannot read (unknown state, another layout
+version, corrupt) is rolled back, never guessed at.
 """
 
 from __future__ import annotations
@@ -20,12 +28,14 @@ from agent.common.atomic import atomic_write_json
 from agent.common.errors import AgentError, UpdateError
 from agent.protocol.api import DesiredTarget, InstalledModel
 from agent.protocol.manifest import ModelManifest
-from agent.update.slots import SlotStore
+from agent.update.slots import SLOTS, SlotStore
 from agent.update.state_machine import DURABLE, MAX_RESTARTS, Event, State, UpdateRecord
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS_PER_TARGET = 3
+RESUMABLE = frozenset({State.DOWNLOAD, State.VERIFY, State.INSTALL})  # before the switch
+FORWARD = RESUMABLE | {State.SMOKE_TEST, State.HEALTH}
 
 
 class Fetcher(Protocol):
@@ -77,6 +87,7 @@ class Updater:
         self._failures_path = self.state_dir / "failures.json"
         self.record = self._load()
         self.failures: dict[str, int] = self._load_failures()
+        self._unsaved: str | None = None  # why the last record could not be persisted
 
     # -- persistence -------------------------------------------------------
     def _load(self) -> UpdateRecord:
@@ -84,21 +95,32 @@ class Updater:
             return UpdateRecord.from_json(json.loads(self._record_path.read_text()))
         except FileNotFoundError:
             return UpdateRecord()
-        except (ValueError, AgentError) as err:
-            log.error("update record unreadable (%s); starting from idle", err)
-            return UpdateRecord()
+        except (OSError, ValueError, AgentError) as err:
+            log.error("update record unreadable (%s); rolling back", err)
+            return _salvaged(self._record_path, err)
 
     def _load_failures(self) -> dict[str, int]:
         try:
             data = json.loads(self._failures_path.read_text())
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             return {}
         return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
     def _save(self, record: UpdateRecord) -> None:
         self.record = record
         if record.state in DURABLE or record.state is State.IDLE:
-            atomic_write_json(self._record_path, record.to_json())
+            try:
+                atomic_write_json(self._record_path, record.to_json())
+                self._unsaved = None
+            except OSError as err:  # a full disk must not crash (and crash-loop) the agent
+                log.error("cannot persist update state %s: %s", record.state.value, err)
+                self._unsaved = f"cannot persist state {record.state.value}: {err}"
+
+    def _persist_failures(self) -> None:
+        try:
+            atomic_write_json(self._failures_path, self.failures)
+        except OSError as err:  # a full disk: the counts still hold for this run
+            log.error("cannot persist failure counts: %s", err)
 
     def _go(self, event: Event, **changes: Any) -> None:
         record = self.record.advance(event, **changes)
@@ -129,6 +151,10 @@ class Updater:
     def wants(self, desired: DesiredTarget | None) -> bool:
         if desired is None:
             return False
+        if self.failures and desired.target_path not in self.failures:
+            # The server now wants something else: earlier refusals no longer apply.
+            self.failures = {}
+            self._persist_failures()
         current = self.installed()
         if current and (current.name, current.release, current.variant) == (
             desired.name,
@@ -136,26 +162,39 @@ class Updater:
             desired.variant,
         ):
             return False
-        return self.failures.get(desired.target_path, 0) < MAX_ATTEMPTS_PER_TARGET
+        return not self.refused(desired.target_path)
+
+    def refused(self, target_path: str) -> bool:
+        return self.failures.get(target_path, 0) >= MAX_ATTEMPTS_PER_TARGET
 
     # -- driving -----------------------------------------------------------
-    def resume(self) -> None:
-        """After a restart: finish or undo whatever was in flight."""
+    def resume(self, *, forward: bool = True) -> None:
+        """After a restart: finish or undo whatever was in flight.
+
+        ``forward=False`` leaves an interrupted download, verify or install for a later
+        call: the daemon undoes a switched-in candidate before it loads the active model,
+        and resumes forward steps once its inference worker runs (their health check
+        watches it).
+        """
         if self.record.state is State.IDLE:
+            return
+        if not forward and self.record.state in RESUMABLE:
             return
         state = self.record.state
         restarts = self.record.restarts + 1
         if restarts > MAX_RESTARTS:
-            # The same update crashed the agent again and again: stop retrying the step.
-            reason = f"agent restarted {restarts} times during this update (last in {state.value})"
-            log.error("%s; abandoning the step", reason)
-            self._count_failure()
+            # The agent died again and again in this state: abandon it and refuse the target.
+            reason = f"agent restarted {restarts} times in {state.value} (no step finished)"
+            log.error("%s; abandoning the update", reason)
+            self._count_failure(refuse=True)
+            self._safe_report("update", "refused", self._refusal(reason, restarts))
             self._go(Event.FAILURE, reason=reason, restarts=restarts)
         else:
             log.warning("resuming update interrupted in state %s", state.value)
-            self._go(
-                Event.RESTARTED, reason=f"agent restarted during {state.value}", restarts=restarts
-            )
+            reason = f"agent restarted during {state.value}"
+            if state is State.ROLLBACK and self.record.reason:
+                reason = self.record.reason  # why it is rolling back says more
+            self._go(Event.RESTARTED, reason=reason, restarts=restarts)
         self._run()
 
     def update(self, desired: DesiredTarget) -> bool:
@@ -180,20 +219,36 @@ class Updater:
             state = self.record.state
             try:
                 event, changes = self._step(state)
-            except (AgentError, OSError) as err:  # OSError: a full disk, a vanished file
-                log.error("update step %s failed: %s", state.value, err)
-                event, changes = Event.FAILURE, {"reason": str(err)}
+            except Exception as err:  # any bug or IO error is this step's failure, not a crash
+                known = isinstance(err, AgentError)
+                log.error("update step %s failed: %s", state.value, err, exc_info=not known)
+                reason = str(err) if known else f"{type(err).__name__}: {err}"
+                event, changes = Event.FAILURE, {"reason": reason}
                 self._count_failure()
-            committed = committed or state is State.COMMIT
-            self._go(event, **changes)
+            committed = committed or (state is State.COMMIT and event is Event.DONE)
+            self._go(event, **{"restarts": 0, **changes})  # a finished step ends a restart run
         self._save(self.record.cleared())
         return committed
 
-    def _count_failure(self) -> None:
-        if self.record.target_path:
-            key = self.record.target_path
-            self.failures[key] = self.failures.get(key, 0) + 1
-            atomic_write_json(self._failures_path, self.failures)
+    def _count_failure(self, *, refuse: bool = False) -> None:
+        key = self.record.target_path
+        if not key:
+            return
+        count = self.failures.get(key, 0) + 1
+        self.failures[key] = max(count, MAX_ATTEMPTS_PER_TARGET) if refuse else count
+        self._persist_failures()
+        if not refuse and self.refused(key):
+            reason = f"{count} failed attempts; last: {self.record.reason}"
+            self._safe_report("update", "refused", self._refusal(reason, self.record.restarts))
+
+    def _refusal(self, reason: str, restarts: int) -> dict[str, Any]:
+        return {
+            "target": self.record.target_path,
+            "reason": reason,
+            "failures": self.failures.get(self.record.target_path or "", 0),
+            "restarts": restarts,
+            "state": self.record.state.value,
+        }
 
     def _step(self, state: State) -> tuple[Event, dict[str, Any]]:
         handlers = {
@@ -207,6 +262,10 @@ class Updater:
         }
         if state not in handlers:
             raise UpdateError(state.value, "no work defined for this state")
+        if self._unsaved and state in FORWARD:
+            # A step whose entry is not on disk must not run: a restart would not know of it.
+            # Undoing (rollback) and committing still run: they only make things safer.
+            raise UpdateError(state.value, self._unsaved)
         return handlers[state]()
 
     def _download(self) -> tuple[Event, dict[str, Any]]:
@@ -288,6 +347,29 @@ class Updater:
     def _clean_staging(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True, exist_ok=True)
+
+
+def _salvaged(path: Path, err: Exception) -> UpdateRecord:
+    """A ROLLBACK record for an update the agent cannot read: undo the slot switch
+    if the raw record still names a valid slot pair, else just clear staging."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raw = {}
+    raw = raw if isinstance(raw, dict) else {}
+
+    def slot(key: str) -> str | None:
+        value = raw.get(key)
+        return value if value in SLOTS else None
+
+    target = raw.get("target_path")
+    return UpdateRecord(
+        state=State.ROLLBACK,
+        target_path=target if isinstance(target, str) else None,
+        slot=slot("slot"),
+        previous_slot=slot("previous_slot"),
+        reason=f"update record unreadable: {err}",
+    )
 
 
 def _require(value: str | None, step: str, reason: str) -> str:
