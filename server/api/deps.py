@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import threading
 from collections.abc import Callable, Coroutine
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,8 @@ class AppState:
     repo: TufRepository
     operator_token: str
     mqtt_public: MqttEndpoint
-    publish_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Spans processes with --workers (server.publish.repo_lock.ProcessWideLock).
+    publish_lock: AbstractContextManager[Any] = field(default_factory=threading.Lock)
     viewer_token: str | None = None  # create_app fills it (server.config.ensure_viewer_token)
     sessions: SessionSigner | None = None  # create_app makes it from both tokens
 

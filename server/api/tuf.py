@@ -3,6 +3,12 @@
 Paths are checked segment by segment before touching the disk, then the
 resolved file must still lie inside its directory (no traversal, no symlink
 escape). Trust comes from the signatures, so these routes need no token.
+
+With a remote artifact store, metadata is read from the store on each request
+(it is small, and another worker or replica may have just committed) and
+targets from this process's cache, filled from the store on a miss. With
+``--targets-url`` the same paths answer 307 to that host: devices enrolled
+before it was set fetch from there too (new ones are told at enrollment).
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import FileResponse, RedirectResponse
 
 from agent.protocol.api import TUF_METADATA_PREFIX, TUF_TARGETS_PREFIX
 from server.api.deps import AppState, app_state
 from server.api.schemas import ErrorOut
 from server.errors import InvalidInputError, NotFoundError
+from server.publish.artifact_store import cache_control
 
 router = APIRouter(tags=["tuf"], responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}})
 State = Annotated[AppState, Depends(app_state)]
@@ -45,22 +52,40 @@ def _file_inside(root: Path, relative: str) -> Path:
     return candidate
 
 
-@router.get(TUF_METADATA_PREFIX + "{filename}")
-def metadata(filename: str, st: State) -> FileResponse:
+def _elsewhere(st: AppState, url_path: str) -> Response | None:
+    """307 to the targets URL when one is configured: same path under another base."""
+    base = st.config.targets_url
+    return None if base is None else RedirectResponse(base.rstrip("/") + url_path, 307)
+
+
+@router.get(TUF_METADATA_PREFIX + "{filename}", response_model=None)
+def metadata(filename: str, st: State) -> Response:
     if not _METADATA_NAME.match(filename):
         raise InvalidInputError("metadata name must look like [N.]role.json")
-    path = _file_inside(st.repo.metadata_dir, filename)
+    if (moved := _elsewhere(st, TUF_METADATA_PREFIX + filename)) is not None:
+        return moved
     # Unversioned files (timestamp.json, root.json) change in place: never cache them.
-    cache = "no-store" if filename[0].isalpha() else "public, max-age=300"
-    return FileResponse(path, media_type="application/json", headers={"Cache-Control": cache})
+    headers = {"Cache-Control": cache_control(f"metadata/{filename}")}
+    local = st.repo.store.local_root
+    if local is None:
+        return Response(st.repo.metadata_bytes(filename), 200, headers, "application/json")
+    path = _file_inside(local / "metadata", filename)
+    return FileResponse(path, media_type="application/json", headers=headers)
 
 
-@router.get(TUF_TARGETS_PREFIX + "{target_path:path}")
-def target(target_path: str, st: State) -> FileResponse:
-    path = _file_inside(st.repo.targets_dir, safe_target_path(target_path))
+@router.get(TUF_TARGETS_PREFIX + "{target_path:path}", response_model=None)
+def target(target_path: str, st: State) -> Response:
+    stored = safe_target_path(target_path)
+    if (moved := _elsewhere(st, TUF_TARGETS_PREFIX + stored)) is not None:
+        return moved
+    local = st.repo.store.local_root
+    if local is None:
+        st.repo.stored_file(stored)  # into this process's cache, from the store on a miss
+        local = st.repo.repo_dir
+    path = _file_inside(local / "targets", stored)
     # Stored names carry their sha256, so the bytes behind a URL never change.
     return FileResponse(
         path,
         media_type="application/octet-stream",
-        headers={"Cache-Control": "public, max-age=31536000, immutable"},
+        headers={"Cache-Control": cache_control(f"targets/{stored}")},
     )

@@ -122,7 +122,11 @@ class _Shared:
 
 
 def _run(sh: _Shared) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd's default
+    # KillMode=control-group, timeout(1)), go to the server, which stops us: dying
+    # inside ``wake.wait()`` would leave the server's ``wake.set()`` waiting forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=sh.level.upper(), format="%(levelname)s: rollout-scheduler: %(message)s"
     )
