@@ -120,12 +120,22 @@ class Demo:
         )
         for note in info.get("input_notes", []):
             self.log(f"  {note}")
-        for delta in info.get("deltas", []):
+        for delta in self.wait_for_deltas(release):
             self.log(
                 f"  delta from release {delta['base_release']}: {delta['length']} bytes "
                 f"({100 * delta['length'] / info['length']:.1f}% of the INT8 file, "
                 f"{fp32.stat().st_size / delta['length']:.0f}x smaller than FP32), signed"
             )
+
+    def wait_for_deltas(self, release: int, timeout_s: float = 600.0) -> list[dict[str, Any]]:
+        """The server builds deltas after publish: wait for them, then the signed ones."""
+        deadline = time.monotonic() + timeout_s
+        while self.api("GET", f"/api/v1/models/{MODEL}/{release}/deltas")["pending"]:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"deltas of {MODEL}@{release} not built in {timeout_s:.0f} s")
+            time.sleep(0.5)
+        shown = self.api("GET", f"/api/v1/models/{MODEL}/{release}")
+        return list(next(m for m in shown if m["variant"] == "int8-cpu")["deltas"])
 
     def rollout(self, release: int, timeout_s: float = 180.0) -> None:
         """A staged rollout across the demo fleet, printing each stage decision."""

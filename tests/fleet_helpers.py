@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,16 +31,23 @@ class Operator:
         assert resp.status_code < 400, f"{method} {path}: {resp.status_code} {resp.text[:300]}"
         return resp.json()
 
-    def publish(self, release: int, name: str = "digits", variant: str = "int8-cpu") -> Any:
+    def publish(
+        self, release: int, name: str = "digits", variant: str = "int8-cpu",
+        *, wait_deltas: bool = True,
+    ) -> Any:
         return self.publish_file(
-            FIXTURES / f"digits_int8_r{release}.tflite", release, name, variant
+            FIXTURES / f"digits_int8_r{release}.tflite", release, name, variant,
+            wait_deltas=wait_deltas,
         )
 
     def publish_file(
-        self, path: Path, release: int, name: str = "digits", variant: str = "int8-cpu"
+        self, path: Path, release: int, name: str = "digits", variant: str = "int8-cpu",
+        *, wait_deltas: bool = True,
     ) -> Any:
+        """Publish; with ``wait_deltas``, once the background worker has built the deltas,
+        ``deltas`` in the answer lists the signed ones (as publish answered before)."""
         with open(path, "rb") as model:
-            return self.call(
+            out = self.call(
                 "POST",
                 "/api/v1/models",
                 files={"file": (path.name, model)},
@@ -50,6 +59,11 @@ class Operator:
                     "input_range": "0,1",  # the digits fixtures take [0, 1]
                 },
             )
+        if wait_deltas:
+            wait_for_deltas(self.call, name, release)
+            shown = self.call("GET", f"/api/v1/models/{name}/{release}")
+            out["deltas"] = next(m for m in shown if m["variant"] == variant)["deltas"]
+        return out
 
     def assign(self, release: int, *, device: str | None = None, tag: str | None = None) -> Any:
         body: dict[str, Any] = {"name": "digits", "release": release}
@@ -64,6 +78,19 @@ class Operator:
         payload = entry.get("payload") or {}
         assert isinstance(payload, dict)
         return payload
+
+
+def wait_for_deltas(
+    call: Callable[..., Any], name: str, release: int, timeout_s: float = 600.0
+) -> list[dict[str, Any]]:
+    """Poll until no delta job of the release is queued or building; the jobs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = call("GET", f"/api/v1/models/{name}/{release}/deltas")
+        if out["pending"] == 0:
+            return list(out["jobs"])
+        assert time.monotonic() < deadline, f"deltas of {name}@{release} not built: {out}"
+        time.sleep(0.2)
 
 
 def enroll_agent(

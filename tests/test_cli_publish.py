@@ -27,8 +27,11 @@ def test_publish_with_golden_set_then_a_delta(
     assert f"golden/digits/sha256-{digest}.npz" in srv.repo.targets()  # content-addressed
 
     assert cli_main([*base, str(FIXTURES / "digits_int8_r2.tflite"), "--name", "digits",
-                     "--version", "2", "--labels", *labels]) == 0  # fmt: skip
-    assert "delta from release 1:" in capsys.readouterr().out
+                     "--version", "2", "--labels", *labels, "--wait",
+                     "--progress"]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    assert "delta from release 1: done, " in out  # --wait: built by the background worker
+    assert "building deltas [" in err and "1 of 1 deltas" in err
 
     code = cli_main([*base, str(FIXTURES / "digits_int8_r2.tflite"), "--name", "digits",
                      "--version", "3", "--labels", *labels, "--min-accuracy", "0.9"])  # fmt: skip

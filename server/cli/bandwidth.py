@@ -11,6 +11,7 @@ _COLUMNS = (
     ("release", "label"),
     ("updates", "updates"),
     ("deltas", "deltas"),
+    ("full before delta", "before_delta"),
     ("sent", "sent"),
     ("of which aux", "aux"),
     ("full INT8", "int8"),
@@ -35,6 +36,7 @@ def _row(label: str, totals: dict[str, Any]) -> dict[str, Any]:
         "label": label,
         "updates": totals["updates"],
         "deltas": totals["deltas"],
+        "before_delta": totals.get("full_before_delta", 0),
         "sent": _mb(totals["bytes_sent"]),
         "aux": _mb(totals.get("aux_bytes")),
         "int8": _mb(totals["full_int8_bytes"]),
@@ -49,7 +51,8 @@ def _bandwidth(args: argparse.Namespace) -> None:
     data = api_from(args).get("/api/v1/bandwidth", price_per_gb=args.price_per_gb)
     rows = [_row(f"{r['name']}@{r['release']} {r['variant']}", r) for r in data.get("releases", [])]
     rows.append(_row("fleet", data["fleet"]))
-    note = "aux: golden sets and TUF metadata, counted in sent"
+    note = ("aux: golden sets and TUF metadata, counted in sent; full before delta: full "
+            "downloads while the device's delta was still being built")
     emit(args, data, lambda: table(rows, _COLUMNS) + f"\n(at ${args.price_per_gb}/GB; {note})")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def _model_publish(args: argparse.Namespace) -> None:
         gate = "; the server runs the accuracy gate first" if args.validation else ""
         print(f"uploading {shown} to {api.server}{gate}", file=sys.stderr, flush=True)
         checks = "validating, gating" if args.validation else "validating"
-        work = f"server {checks}, signing and building deltas"
+        work = f"server {checks} and signing"
         with meter(args, "uploading", sum(sizes.values())) as progress:
             body = MultipartBody(data, parts, progress, work)
             try:
@@ -99,6 +100,8 @@ def _model_publish(args: argparse.Namespace) -> None:
                 body.close()
     except OSError as err:
         raise CliError(f"cannot read {err.filename}: {err.strerror}") from err
+    jobs = _delta_jobs(args, api, out["name"], out["release"], out["variant"])
+    out["delta_jobs"] = jobs
 
     def text() -> str:
         lines = [
@@ -107,15 +110,60 @@ def _model_publish(args: argparse.Namespace) -> None:
         ]
         lines += [f"  {note}" for note in out.get("input_notes", [])]
         lines += _gate_lines(out.get("gate"))
-        lines += [
-            f"  delta from release {d['base_release']}: {d['length']} bytes ({d['method']})"
-            for d in out.get("deltas", [])
-        ]
+        lines += [f"  {_job_text(j)}" for j in jobs]
+        if any(j["state"] in _PENDING for j in jobs):
+            lines.append(f"  deltas build in the background: edgefleet model show "
+                         f"{out['name']}@{out['release']} (or publish --wait)")  # fmt: skip
         if out.get("gate"):
             lines.append(f"  report: edgefleet model show {out['name']}@{out['release']}")
         return "\n".join(lines)
 
     emit(args, out, text)
+
+
+_PENDING = ("queued", "building")
+
+
+def _job_text(job: dict[str, Any]) -> str:
+    """One base's delta: its state, then size and ratio, progress or the reason."""
+    head = f"delta from release {job['base_release']}: {job['state']}"
+    if job["state"] == "done":
+        return (f"{head}, {job['delta_bytes']} bytes ({100 * job['ratio']:.1f}% of the file, "
+                f"{job['method']})")  # fmt: skip
+    if job["state"] == "building":
+        return f"{head} {100 * job['progress']:.0f}%"
+    if job["state"] in ("skipped", "failed"):
+        return f"{head}: {job['reason']}"
+    return head
+
+
+def _delta_jobs(
+    args: argparse.Namespace, api: Any, name: str, release: int, variant: str
+) -> list[dict[str, Any]]:
+    """This variant's delta jobs; with ``--wait``, once none is queued or building."""
+    path = f"/api/v1/models/{name}/{release}/deltas"
+
+    def mine() -> list[dict[str, Any]]:
+        return [j for j in api.get(path)["jobs"] if j["variant"] == variant]
+
+    jobs = mine()
+    if not getattr(args, "wait", False) or not jobs:
+        return jobs
+    deadline = None if args.wait_timeout is None else time.monotonic() + args.wait_timeout
+    with meter(args, "building deltas", len(jobs)) as bar:
+        while any(j["state"] in _PENDING for j in jobs):
+            if deadline is not None and time.monotonic() > deadline:
+                raise CliError(
+                    f"deltas of {name}@{release} not built within {args.wait_timeout:g} s: "
+                    f"edgefleet model show {name}@{release}"
+                )
+            finished = sum(1 for j in jobs if j["state"] not in _PENDING)
+            done = finished + sum(j["progress"] for j in jobs if j["state"] == "building")
+            bar.fraction(done / len(jobs), f"{finished} of {len(jobs)} deltas")
+            time.sleep(0.5)
+            jobs = mine()
+        bar.fraction(1.0, f"{len(jobs)} of {len(jobs)} deltas")
+    return jobs
 
 
 _MODEL_COLUMNS = [
@@ -156,7 +204,7 @@ def _pick_variant(name: str, rows: list[dict[str, Any]], wanted: str | None) -> 
     return next((r["variant"] for r in rows if r.get("gate")), None)
 
 
-def _variant_lines(m: dict[str, Any]) -> list[str]:
+def _variant_lines(m: dict[str, Any], jobs: list[dict[str, Any]]) -> list[str]:
     size = f"{m['length']} bytes"
     if m.get("fp32_length"):
         size += f" ({m['length'] / m['fp32_length']:.0%} of the FP32 {m['fp32_length']} bytes)"
@@ -164,8 +212,10 @@ def _variant_lines(m: dict[str, Any]) -> list[str]:
         contract = InputContract.from_dict(m["input"]).describe() if m.get("input") else "none"
     except ProtocolError:
         contract = str(m["input"])
+    # Releases published before deltas were jobs have only their signed deltas to show.
     deltas = "; ".join(f"from release {d['base_release']}: {d['length']} bytes"
                        for d in m.get("deltas", [])) or "none"  # fmt: skip
+    mine = [j for j in jobs if j["variant"] == m["variant"]]
     labels = m.get("labels", [])
     shown = ", ".join(labels[:12]) + (", ..." if len(labels) > 12 else "")
     return [
@@ -175,7 +225,7 @@ def _variant_lines(m: dict[str, Any]) -> list[str]:
         f"    labels   {len(labels)}: {shown}",
         f"    input    {contract}",
         f"    created  {m['created_at']}",
-        f"    deltas   {deltas}",
+        *([f"    {_job_text(j)}" for j in mine] if mine else [f"    deltas   {deltas}"]),
         f"    gate     {_gate_text(m.get('gate'))}",
     ]
 
@@ -219,12 +269,14 @@ def _model_show(args: argparse.Namespace) -> None:
     report = None
     if any(r["variant"] == variant and r.get("gate") for r in rows):
         report = api.get(f"/api/v1/models/{name}/{version}/report", variant=variant)
-    data = {"name": name, "release": int(version), "variants": rows, "report": report}
+    jobs = api.get(f"/api/v1/models/{name}/{version}/deltas")["jobs"]
+    data = {"name": name, "release": int(version), "variants": rows, "report": report,
+            "delta_jobs": jobs}  # fmt: skip
 
     def text() -> str:
         lines = [f"{name}@{version}"]
         for m in rows:
-            lines += _variant_lines(m)
+            lines += _variant_lines(m, jobs)
         if report is not None and variant is not None:
             lines += _report_lines(variant, report)
         else:
@@ -249,6 +301,17 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--variant", default="int8-cpu")
     p.add_argument("--labels", type=Path, required=True, help="labels file, one per line")
     add_progress_flag(p)
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the server has built the deltas (a bar with --progress)",
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --wait: give up (exit 1) after this long",
+    )
     p.add_argument(
         "--fp32", type=Path,
         help="the FP32 original: reports the size saving, and with --validation is uploaded "

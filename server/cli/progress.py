@@ -77,6 +77,12 @@ class Meter:
             f"{self.label} [{bar}] {100 * frac:3.0f}% {_size(self.done)} of {_size(self.total)}"
         )
 
+    def fraction(self, frac: float, detail: str) -> None:
+        """Draw the bar at ``frac`` (0..1) with ``detail`` instead of byte counts."""
+        frac = min(max(frac, 0.0), 1.0)
+        bar = "#" * int(frac * BAR_WIDTH) + "." * (BAR_WIDTH - int(frac * BAR_WIDTH))
+        self._draw(f"{self.label} [{bar}] {100 * frac:3.0f}% {detail}")
+
     def waiting(self, what: str) -> None:
         """From now until ``close``, show ``what`` with the seconds it has taken so far."""
         if self.stream is None or self._thread is not None:
@@ -119,7 +125,7 @@ class MultipartBody:
     ``requests``' ``files=`` builds the whole body in memory before sending, so
     nobody sees how far an upload got; this reads each file in chunks as the
     socket takes them and tells the meter. When the last byte is read the
-    server starts validating, signing and building deltas, so the meter then
+    server starts validating and signing (deltas come later), so the meter then
     shows ``after_upload`` until the answer arrives.
     """
 

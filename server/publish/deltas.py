@@ -1,26 +1,25 @@
-"""Precomputed deltas: on publish, patches from the releases the fleet runs.
+"""Precomputed deltas: after publish, patches from the releases the fleet runs.
 
 Which bases to build from is a pure choice (``choose_bases``): the newest few
 releases of the same model and variant, plus whatever the fleet reports it
-has installed. Each patch is signed as its own TUF target whose ``custom``
-names the base and target sha256, so a device asks for exactly
-``delta_target_path(name, release, variant, <sha256 it runs>)`` and falls back
-to the full file when no such target exists.
+has installed. Publish queues one job per base (``server.publish.delta_jobs``);
+the background worker (``server.publish.delta_worker``) makes each patch and
+signs it here as its own TUF target whose ``custom`` names the base and target
+sha256, so a device asks for exactly ``delta_target_path(name, release,
+variant, <sha256 it runs>)`` and falls back to the full file while no such
+target exists.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from agent.delta import DeltaError, make_delta
 from agent.protocol.manifest import (
     DeltaManifest,
     ModelManifest,
@@ -32,8 +31,6 @@ from server.errors import DeltaBuildError
 from server.publish.tuf_repo import TufRepository
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -92,55 +89,35 @@ def fleet_bases(s: Session, new: ModelManifest) -> tuple[list[Base], dict[str, i
     return published, {str(sha): int(n) for sha, n in counts if sha}
 
 
-def build_deltas(
+def sign_delta(
     repo: TufRepository,
-    new: ModelManifest,
-    new_path: Path,
-    bases: Iterable[Base],
-    progress: Progress | None = None,
-) -> list[BuiltDelta]:
-    """Make, sign and publish one delta per base in a single metadata bump."""
-    built: list[BuiltDelta] = []
-    items: list[tuple[str, Path | bytes, dict[str, Any]]] = []
-    with tempfile.TemporaryDirectory(prefix="edgefleet-delta-") as tmp:
-        for base in bases:
-            out = Path(tmp) / f"{base.sha256}.efd"
-            try:
-                info = make_delta(repo.target_file(base.target_path), new_path, out, progress)
-            except (DeltaError, OSError) as err:
-                # One bad base must not block the release: devices on it get the full file.
-                log.error("delta from release %s failed: %s", base.release, err)
-                continue
-            if info.patch_size >= new.length:
-                log.info(
-                    "delta from release %s is not smaller than the file; skipped", base.release
-                )
-                continue
-            path = delta_target_path(new.name, new.release, new.variant, base.sha256)
-            manifest = DeltaManifest(
-                name=new.name,
-                release=new.release,
-                variant=new.variant,
-                base_sha256=base.sha256,
-                target_sha256=new.sha256,
-                target_length=new.length,
-                target_path=model_target_path(new.name, new.release, new.variant),
-            )
-            items.append((path, out.read_bytes(), manifest.to_custom()))
-            built.append(
-                BuiltDelta(
-                    base.release, base.sha256, path, info.patch_size, info.method, new.length
-                )
-            )
-        if items:
-            try:
-                repo.add_targets(items)
-            except OSError as err:
-                raise DeltaBuildError(f"cannot store deltas: {err}") from err
-    for delta in built:
-        log.info(
-            "delta %s@%s from release %s: %d bytes (%.1f%% of %d, %s)",
-            new.name, new.release, delta.base_release, delta.length,
-            100.0 * delta.length / max(new.length, 1), new.length, delta.method,
-        )  # fmt: skip
-    return built
+    name: str,
+    release: int,
+    variant: str,
+    *,
+    base_sha256: str,
+    patch: Path,
+) -> str:
+    """Sign ``patch`` (base -> the published release) as its delta target; its path.
+
+    The release's target must still be signed: its manifest is what the delta's
+    ``custom`` repeats, so a release revoked while its delta was building gets none.
+    """
+    target = model_target_path(name, release, variant)
+    info = repo.target_info(target)  # also picks up other processes' publishes
+    new = ModelManifest.from_custom(info.custom)
+    path = delta_target_path(name, release, variant, base_sha256)
+    manifest = DeltaManifest(
+        name=name,
+        release=release,
+        variant=variant,
+        base_sha256=base_sha256,
+        target_sha256=new.sha256,
+        target_length=new.length,
+        target_path=target,
+    )
+    try:
+        repo.add_targets([(path, patch.read_bytes(), manifest.to_custom())])
+    except OSError as err:
+        raise DeltaBuildError(f"cannot store delta {path}: {err}") from err
+    return path

@@ -14,24 +14,29 @@ half-published:
 5. refuse an existing release again (one may have been published meanwhile);
 6. score the golden set (if any) through the contract as the release's reference, sign it;
 7. validate the model, record its golden output and sign it as a TUF target;
-8. record the release, and the gate's report if any, in the database;
-9. build deltas from the releases the fleet runs and sign each one.
+8. record the release, and the gate's report if any, in the database, and in the
+   same transaction queue one delta job per base the fleet runs
+   (``server.publish.delta_jobs``). The background worker builds and signs them
+   (``server.publish.delta_worker``): publish returns once the full file is signed,
+   and until a delta is signed, devices on its base download the full file.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.protocol.input_options import ContractOptions
-from agent.protocol.manifest import ModelManifest, model_target_path
+from agent.protocol.manifest import ModelManifest
 from server.db import queries
 from server.db.tables import Database, Model
 from server.errors import ConflictError
-from server.publish.deltas import BuiltDelta, build_deltas, choose_bases, fleet_bases
+from server.publish import delta_jobs
+from server.publish.deltas import BuiltDelta, choose_bases, fleet_bases
 from server.publish.golden_sets import prepare_golden_set
 from server.publish.pixel_contract import resolve_input
 from server.publish.publish_gate import GateRequest, run_gate
@@ -62,7 +67,8 @@ class PublishRequest:
 class PublishResult:
     manifest: ModelManifest
     row: Model
-    deltas: list[BuiltDelta]
+    delta_jobs: list[dict[str, Any]]  # queued, one per base (``delta_jobs.job_json``)
+    deltas: list[BuiltDelta] = field(default_factory=list)  # none is built in the request
     notes: tuple[str, ...] = ()  # where the input contract came from
     gate: GateSummary | None = None
 
@@ -70,7 +76,9 @@ class PublishResult:
 class Publisher:
     """Publishes releases into one TUF repository and database, one at a time."""
 
-    def __init__(self, repo: TufRepository, db: Database, lock: threading.Lock) -> None:
+    def __init__(
+        self, repo: TufRepository, db: Database, lock: AbstractContextManager[Any]
+    ) -> None:
         self.repo = repo
         self.db = db
         self.lock = lock
@@ -118,14 +126,13 @@ class Publisher:
                     add_report(s, req.name, req.release, req.variant, report=report,
                                summary=gate.summary)  # fmt: skip
                 published, installed = fleet_bases(s, manifest)
-            bases = choose_bases(manifest, published, installed)
-            target = model_target_path(req.name, req.release, req.variant)
-            built = build_deltas(self.repo, manifest, self.repo.target_file(target), bases)
+                bases = choose_bases(manifest, published, installed)
+                jobs = [delta_jobs.job_json(j) for j in delta_jobs.enqueue(s, manifest, bases)]
         log.info(
-            "published model %s@%s %s (%s bytes, %d deltas)",
-            req.name, req.release, req.variant, manifest.length, len(built),
+            "published model %s@%s %s (%s bytes, %d deltas queued)",
+            req.name, req.release, req.variant, manifest.length, len(jobs),
         )  # fmt: skip
         return PublishResult(
-            manifest=manifest, row=row, deltas=built, notes=resolved.notes,
+            manifest=manifest, row=row, delta_jobs=jobs, notes=resolved.notes,
             gate=None if gate is None else gate.summary,
         )  # fmt: skip

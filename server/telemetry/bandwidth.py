@@ -6,6 +6,11 @@ ignored. A second report with ``via`` = ``aux`` counts what else the update
 cost: its golden set (0 when the device already held that content) and the TUF
 metadata it fetched; those bytes are sent bytes, but not an update of their
 own. The summary is computed in SQL so it stays cheap for a large fleet.
+
+A full download of a release whose delta from the device's installed base was
+still queued or building (``server.publish.delta_jobs``) is counted on that job
+(``full_before_delta``): what building deltas after publish costs the network.
+The report arrives before the device installs, so the device row still names its base.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Index, String, UniqueConstraint, case, func, select
+from sqlalchemy import BigInteger, Index, String, UniqueConstraint, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from server.db.tables import Base, _BigId, utcnow
+from server.db.tables import Base, DeltaJob, Device, _BigId, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +102,39 @@ def record_download(s: Session, device_id: str, detail: Any) -> bool:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     # The same report arrives on MQTT and HTTP, possibly at once: let the unique key decide.
     stmt = insert(Download).values(device_id=device_id, at=utcnow(), **row)
-    result = s.execute(stmt.on_conflict_do_nothing(index_elements=["device_id", "update_id"]))
-    return bool(result.rowcount)  # type: ignore[attr-defined]  # a CursorResult for INSERT
+    stmt = stmt.on_conflict_do_nothing(index_elements=["device_id", "update_id"])
+    # RETURNING, not rowcount: psycopg reports a row for an INSERT that did nothing.
+    added = s.execute(stmt.returning(Download.id)).first() is not None
+    if added and row["via"] == "full":
+        _count_full_before_delta(s, device_id, row)
+    return added
+
+
+def _count_full_before_delta(s: Session, device_id: str, row: dict[str, Any]) -> None:
+    """Count a full download on the pending delta job from the device's installed base."""
+    base = select(Device.installed_sha256).where(Device.id == device_id).scalar_subquery()
+    s.execute(
+        update(DeltaJob)
+        .where(
+            DeltaJob.name == row["name"],
+            DeltaJob.release == row["release"],
+            DeltaJob.variant == row["variant"],
+            DeltaJob.base_sha256 == base,
+            DeltaJob.state.in_(("queued", "building")),
+        )
+        .values(full_downloads=DeltaJob.full_downloads + 1)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _full_before_delta(s: Session) -> dict[tuple[str, int, str], int]:
+    """(name, release, variant) -> full downloads made while its delta was not built."""
+    rows = s.execute(
+        select(DeltaJob.name, DeltaJob.release, DeltaJob.variant, func.sum(DeltaJob.full_downloads))
+        .where(DeltaJob.full_downloads > 0)
+        .group_by(DeltaJob.name, DeltaJob.release, DeltaJob.variant)
+    )
+    return {(str(n), int(r), str(v)): int(c or 0) for n, r, v, c in rows}
 
 
 @dataclass(frozen=True)
@@ -175,8 +211,15 @@ def summary(
 ) -> dict[str, Any]:
     """Fleet totals, per release, and the ``top`` devices by bytes received."""
     fleet = _totals(s.execute(_totals_query()).one(), 0)
+    before = _full_before_delta(s)
     releases = [
-        {"name": r[0], "release": r[1], "variant": r[2], **_totals(r, 3).to_json(price_per_gb)}
+        {
+            "name": r[0],
+            "release": r[1],
+            "variant": r[2],
+            **_totals(r, 3).to_json(price_per_gb),
+            "full_before_delta": before.get((r[0], r[1], r[2]), 0),
+        }
         for r in s.execute(
             _totals_query(Download.name, Download.release, Download.variant)
             .group_by(Download.name, Download.release, Download.variant)
@@ -194,7 +237,7 @@ def summary(
     ]
     return {
         "price_per_gb": price_per_gb,
-        "fleet": fleet.to_json(price_per_gb),
+        "fleet": {**fleet.to_json(price_per_gb), "full_before_delta": sum(before.values())},
         "releases": releases,
         "devices": devices,
     }

@@ -224,19 +224,30 @@ async function act(id, action) {
   }
 }
 
+function deltaJob(j) {
+  const detail = j.state === "done" ? `${bytes(j.delta_bytes)} (${pct(j.ratio)} of the file, ${esc(j.method)})`
+    : j.state === "building" ? `${pct(j.progress)} built`
+    : ["skipped", "failed"].includes(j.state) ? esc(j.reason) : "";
+  return [esc(`${j.name}@${j.release} ${j.variant}`), esc(j.base_release), state(j.state), detail,
+    fmt(j.full_before_delta), when(j.finished_at || j.started_at || j.created_at)];
+}
+
 pages.bandwidth = async () => {
-  const bw = await api("/api/v1/bandwidth");
+  const [bw, deltas] = await Promise.all([api("/api/v1/bandwidth"), api("/api/v1/models/delta-jobs?limit=50")]);
   const f = bw.fleet;
   const name = (r) => `${r.name}@${r.release} ${r.variant}`;
   return {
     html: `<h2>Bandwidth</h2><div class="cards">${card("sent", bytes(f.bytes_sent))}
       ${card("full INT8 would be", bytes(f.full_int8_bytes))}${card("FP32 would be", bytes(f.fp32_bytes))}
       ${card("saved vs INT8", pct(f.saving_vs_int8))}${card(`cost at ${bw.price_per_gb}/GB`, fmt(f.cost_sent, 4))}
-      ${card("cost saved", fmt(f.cost_saved, 4))}</div>
+      ${card("cost saved", fmt(f.cost_saved, 4))}${card("full before delta", fmt(f.full_before_delta))}</div>
       <div class="grid"><div id="chart-bytes" class="chart"></div><div id="chart-cost" class="chart"></div></div>
       <h3>Per release</h3>${table(["release", "updates#", "deltas#", "full-file fallbacks#", "sent#", "full INT8#", "FP32#", "saved vs INT8#", "cost#"],
         bw.releases.map((r) => [esc(name(r)), fmt(r.updates), fmt(r.deltas), fmt(r.fallbacks), bytes(r.bytes_sent),
-          bytes(r.full_int8_bytes), bytes(r.fp32_bytes), pct(r.saving_vs_int8), fmt(r.cost_sent, 4)]))}`,
+          bytes(r.full_int8_bytes), bytes(r.fp32_bytes), pct(r.saving_vs_int8), fmt(r.cost_sent, 4)]))}
+      <h3>Delta builds</h3><p class="muted">Built after publish, one per base release; ${fmt(deltas.pending)} queued or building.
+        Until a delta is built, devices on its base download the full file (counted as full before delta).</p>
+      ${table(["release", "from release", "state", "delta", "full before delta#", "when"], deltas.jobs.map(deltaJob))}`,
     charts: () => {
       const x = bw.releases.map(name);
       plot("chart-bytes", [["bytes_sent", "sent"], ["full_int8_bytes", "full INT8"], ["fp32_bytes", "FP32"]].map(
