@@ -93,6 +93,8 @@ def _seeds() -> list[Seed]:
         ("bsdiff", blob, edited, DeltaConfig(methods=("bsdiff",))),
         ("tflite-small", r1, _rescaled(r1), DeltaConfig(methods=("tflite",))),
         ("tflite-rescaled", mobilenet, _rescaled(mobilenet), DeltaConfig(methods=("tflite",))),
+        # Format version 1 (no ANS), as agents without constriction get it.
+        ("tflite-v1", r1, _rescaled(r1), DeltaConfig(methods=("tflite",), ans=False)),
     ]:
         patch, info = make_patch_bytes(base, target, config)
         out.append(Seed(f"{name}/{info.method}", base, target, patch))
@@ -178,7 +180,8 @@ def cases(draw: st.DrawFn, seeds: list[Seed]) -> tuple[Seed, str, bytes]:
         return s, how, _rebuild(patch, {index: _mutate(payload, draw(edits_st))})
     # "payload": edit the decompressed stream, then compress it again (same dictionary).
     kind = sections[index][0]
-    if kind == Section.SKELETON_DICT:  # needs the base skeleton: edit it compressed
+    # The skeleton needs the base skeleton as dictionary; ANS streams are stored raw.
+    if kind in (Section.SKELETON_DICT, Section.RESIDUALS_ANS):
         return s, how, _rebuild(patch, {index: _mutate(payload, draw(edits_st))})
     zdict = None
     if kind == Section.ZSTD_PATCH:

@@ -20,6 +20,11 @@ Pairs (base model: tests/fixtures/mobilenetv2_int8.tflite):
   added_layer    an extra fully-connected layer before the softmax
   non_model      a 2 MiB firmware-like binary with scattered edits and insertions
   digits_r1_r2   the real fine-tuned fixture release (digits_int8_r1 -> r2)
+
+Large pairs (``--large``; synthetic ResNet-50 graphs from synth_tflite.py):
+  resnet50_requant  ~26 MB INT8 ResNet-50, the shift_requant edit
+  wide_150mb        ~150 MB INT8 ResNet-50 at 2.45x width, the finetune_all edit
+                    (the streaming paths: apply memory, encoder scale)
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import flatbuffers
 import numpy as np
 import numpy.typing as npt
 from ai_edge_litert import schema_py_generated as schema
+from synth_tflite import resnet50
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,7 @@ class CorpusConfig:
     blob_bytes: int = 2 * 1024 * 1024
     blob_edits: int = 400
     blob_inserts: int = 6
+    wide_width: float = 2.45  # wide_150mb: channel multiplier (~150 MB)
 
 
 @dataclass(frozen=True)
@@ -315,8 +322,16 @@ def firmware_blob(rng: Rng, cfg: CorpusConfig) -> tuple[bytes, bytes]:
     return old, bytes(new)
 
 
-def build(out: Path, cfg: CorpusConfig = CorpusConfig(), fixtures: Path = FIXTURES) -> list[Pair]:
-    """Write every pair under ``out`` and return them (deterministic for a seed)."""
+LARGE = ("resnet50_requant", "wide_150mb")
+
+
+def build(
+    out: Path,
+    cfg: CorpusConfig = CorpusConfig(),
+    fixtures: Path = FIXTURES,
+    large: tuple[str, ...] = (),
+) -> list[Pair]:
+    """Write every pair (and the ``large`` ones asked for) under ``out``; deterministic."""
     out.mkdir(parents=True, exist_ok=True)
     mobilenet = (fixtures / "mobilenetv2_int8.tflite").read_bytes()
     pairs: list[Pair] = []
@@ -344,6 +359,17 @@ def build(out: Path, cfg: CorpusConfig = CorpusConfig(), fixtures: Path = FIXTUR
     emit("digits_r1_r2", (fixtures / "digits_int8_r1.tflite").read_bytes(),
          (fixtures / "digits_int8_r2.tflite").read_bytes(),
          "fixture release r1 -> r2 (real fine-tune)")
+    large_edits = {
+        "resnet50_requant": (1.0, shift_requant, "synthetic ResNet-50, shift_requant edit"),
+        "wide_150mb": (cfg.wide_width, finetune_all, "2.45x-wide ResNet-50, finetune_all"),
+    }
+    for i, name in enumerate(large):
+        width, edit, note = large_edits[name]
+        base = resnet50(np.random.default_rng(cfg.seed + 20 + i), width)
+        model = Model(base)
+        edit(model, np.random.default_rng(cfg.seed + 30 + i), cfg)
+        emit(name, base, bytes(model.raw), note)
+        del base, model
     return pairs
 
 
@@ -352,8 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     default = Path(tempfile.gettempdir()) / "edgefleet-delta-corpus"
     parser.add_argument("--out", type=Path, default=default)
     parser.add_argument("--seed", type=int, default=CorpusConfig.seed)
+    parser.add_argument("--large", nargs="*", choices=LARGE, default=(),
+                        help="also build these large pairs (none given: all of them)")
     args = parser.parse_args(argv)
-    for pair in build(args.out, CorpusConfig(seed=args.seed)):
+    large = tuple(LARGE if args.large == [] else args.large)
+    for pair in build(args.out, CorpusConfig(seed=args.seed), large=large):
         old, new = pair.old.stat().st_size, pair.new.stat().st_size
         print(f"{pair.name:14} {old:>10,} -> {new:>10,}  {pair.note}")
     return 0

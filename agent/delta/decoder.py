@@ -22,8 +22,14 @@ from typing import BinaryIO
 import zstandard
 
 from agent.common.atomic import fsync_dir
+from agent.delta import ans
 from agent.delta.bsdiff_codec import decode_bsdiff
-from agent.delta.errors import CorruptPatchError, DeltaInputError, WrongBaseError
+from agent.delta.errors import (
+    CorruptPatchError,
+    DeltaInputError,
+    UnsupportedPatchError,
+    WrongBaseError,
+)
 from agent.delta.format import (
     HEADER_SIZE,
     DeltaHeader,
@@ -99,6 +105,8 @@ def decode_stream(
             f"corrupt patch: target of {header.target_length} bytes exceeds the limit"
         )
     refs = scan_sections(handle, size, config.io_block_bytes)
+    if header.version >= 2 and not ans.available():
+        raise UnsupportedPatchError(header.version, "the constriction package (ANS decoding)")
     actual = hashlib.sha256(base).hexdigest()
     if actual != header.base_sha256:
         raise WrongBaseError(header.base_sha256, actual)
@@ -190,9 +198,9 @@ def _dispatch(
         decode_bsdiff(handle, refs, base, write, target_length=header.target_length,
                       config=config)
     else:
-        expect_sections(refs, [[Section.TENSOR_TABLE],
-                               [Section.SKELETON_DICT, Section.SKELETON_SUB],
-                               [Section.RESIDUALS]])
+        slots = [[Section.TENSOR_TABLE], [Section.SKELETON_DICT, Section.SKELETON_SUB],
+                 [Section.RESIDUALS]]
+        expect_sections(refs, slots + ([[Section.RESIDUALS_ANS]] if header.version >= 2 else []))
         decode_tflite(header, refs, handle, base, write, config=config)
 
 

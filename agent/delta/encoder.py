@@ -45,6 +45,9 @@ class DeltaInfo:
     target_sha256: str
     candidates: dict[str, int] = field(default_factory=dict)  # method -> patch bytes
     seconds: float = 0.0
+    # The patch size if its ANS-coded residuals cost exactly their per-channel order-0
+    # entropy with free models (None unless the chosen patch is ANS-coded).
+    order0_bound: float | None = None
 
 
 class _Ticker:
@@ -61,12 +64,20 @@ class _Ticker:
             self.progress(self.done, self.total)
 
 
-def _zstd_sections(old: bytes, new: bytes, config: DeltaConfig) -> Sections:
-    """zstd with the base as dictionary, with and without long-distance matching."""
+def _zstd_sections(old: bytes, new: bytes, config: DeltaConfig, best: int | None) -> Sections:
+    """zstd with the base as dictionary, with and without long-distance matching.
+
+    Full effort is ~1 MB/s with a big dictionary. A quick frame comes first; when
+    the best patch so far is under ``zstd_skip_ratio`` of it, full effort cannot
+    win (it saves ~25% on models, never half), so the quick frame is the candidate.
+    """
     window = window_log_for(len(old) + len(new), config.max_window_log)
+    quick = compress(new, config.probe_level, dictionary=old, window_log=window, long_mode=True)
+    if best is not None and best < config.zstd_skip_ratio * len(quick):
+        return [(Section.ZSTD_PATCH, quick)]
     plain = compress(new, config.zstd_level, dictionary=old, window_log=window)
     long_mode = compress(new, config.zstd_level, dictionary=old, window_log=window, long_mode=True)
-    return [(Section.ZSTD_PATCH, min(plain, long_mode, key=len))]
+    return [(Section.ZSTD_PATCH, min(plain, long_mode, quick, key=len))]
 
 
 def make_patch_bytes(
@@ -84,13 +95,15 @@ def make_patch_bytes(
     if unknown or not config.methods:
         raise ValueError(f"unknown or no delta methods: {sorted(unknown)}")
     if "tflite" in config.methods:
-        plans.append((Method.TFLITE, lambda tick: encode_tflite(old, new, config, tick)))
+        plans.append((Method.TFLITE, lambda tick: encode_tflite(old, new, config, tick, stats)))
     if "zstd" in config.methods:
-        plans.append((Method.BYTES_ZSTD, lambda tick: _zstd_sections(old, new, config)))
+        plans.append((Method.BYTES_ZSTD, lambda tick: _zstd_sections(
+            old, new, config, len(best[1]) if best is not None else None)))
     if "bsdiff" in config.methods and len(old) + len(new) <= config.bsdiff_max_bytes:
         plans.append((Method.BYTES_BSDIFF, lambda tick: encode_bsdiff(
             old, new, config.zstd_level, config.max_stream_window_log)))
     ticker = _Ticker(progress, len(new) * len(plans))
+    stats: dict[str, float] = {}
     candidates: dict[str, int] = {}
     best: tuple[Method, bytes] | None = None
     for method, plan in plans:
@@ -104,7 +117,9 @@ def make_patch_bytes(
         ticker.advance(before + len(new) - ticker.done)
         if sections is None:
             continue
-        patch = build_patch(encode_header(method, len(new), base_sha, target_sha), sections)
+        version = 2 if any(kind is Section.RESIDUALS_ANS for kind, _ in sections) else 1
+        header = encode_header(method, len(new), base_sha, target_sha, version)
+        patch = build_patch(header, sections)
         if config.self_check and not _decodes(old, patch, new):
             log.error("delta method %s failed its self-check; dropped", name)
             continue
@@ -124,6 +139,8 @@ def make_patch_bytes(
         target_sha256=target_sha.hex(),
         candidates=candidates,
         seconds=time.perf_counter() - started,
+        order0_bound=(len(patch) - stats["ans_bytes"] + stats["order0_bytes"]
+                      if method is Method.TFLITE and "ans_bytes" in stats else None),
     )
     return patch, info
 

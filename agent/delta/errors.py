@@ -12,6 +12,7 @@ __all__ = [
     "DeltaError",
     "DeltaInputError",
     "TruncatedPatchError",
+    "UnsupportedPatchError",
     "WrongBaseError",
 ]
 
@@ -34,6 +35,19 @@ class CorruptPatchError(DeltaError):
 
 class DeltaInputError(DeltaError):
     """The base, target or patch file cannot be read."""
+
+
+class UnsupportedPatchError(DeltaError):
+    """A valid patch this install cannot apply (an optional decoder is missing).
+
+    The caller should fetch the full file instead; the server should make deltas
+    without the feature for this device.
+    """
+
+    def __init__(self, version: int, needs: str) -> None:
+        super().__init__(f"delta format version {version} needs {needs}, which is not installed")
+        self.version = version
+        self.needs = needs
 
 
 class TruncatedPatchError(CorruptPatchError):

@@ -1,6 +1,6 @@
 """The EdgeFleet delta container: header, sections, trailer (docs/delta-format.md).
 
-    header   magic "EFDL" | version u8 | method u8 | target length u64 LE
+    header   magic "EFDL" | version u8 (1, or 2 when ANS-coded) | method u8 | target length u64 LE
              | base sha256 (32) | target sha256 (32)
     sections kind u8 | length uvarint | payload      (repeated)
     end      kind 0
@@ -21,7 +21,10 @@ from typing import BinaryIO
 from agent.delta.errors import CorruptPatchError, TruncatedPatchError
 
 MAGIC = b"EFDL"
-VERSION = 1
+# Version 2 adds the RESIDUALS_ANS section and Layout.ANS; encoders write 1 whenever a
+# patch uses neither, so agents that only read version 1 keep applying those.
+VERSION = 2
+VERSIONS = (1, 2)
 HEADER = struct.Struct("<4sBBQ32s32s")
 HEADER_SIZE = HEADER.size  # 78
 TRAILER_SIZE = 4
@@ -49,6 +52,7 @@ class Section(IntEnum):
     SKELETON_DICT = 6  # zstd frame, dictionary = base skeleton
     SKELETON_SUB = 7  # zstd frame of (new skeleton - base skeleton) mod 256, equal lengths
     RESIDUALS = 8  # zstd frame of the tensor residual bytes, in table order
+    RESIDUALS_ANS = 9  # version 2: raw ANS streams of Layout.ANS chunks, in table order
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,10 @@ class SectionRef:
     length: int
 
 
-def encode_header(method: Method, target_length: int, base_sha: bytes, target_sha: bytes) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, int(method), target_length, base_sha, target_sha)
+def encode_header(
+    method: Method, target_length: int, base_sha: bytes, target_sha: bytes, version: int = 1
+) -> bytes:
+    return HEADER.pack(MAGIC, version, int(method), target_length, base_sha, target_sha)
 
 
 def decode_header(raw: bytes) -> DeltaHeader:
@@ -90,9 +96,9 @@ def decode_header(raw: bytes) -> DeltaHeader:
     magic, version, method, length, base, target = HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise CorruptPatchError("not an EdgeFleet delta: bad magic")
-    if version != VERSION:
+    if version not in VERSIONS:
         raise CorruptPatchError(
-            f"unsupported delta format version {version} (this agent reads {VERSION})"
+            f"unsupported delta format version {version} (this agent reads 1 to {VERSION})"
         )
     try:
         name = METHOD_NAMES[Method(method)]

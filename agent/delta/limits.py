@@ -29,8 +29,17 @@ class DeltaConfig:
     sorted_min_gain_bytes: int = 32
     # Encoder: end a zstd block (new Huffman table) after residual pieces this big.
     min_block_bytes: int = 256
-    # Encoder: skip the bsdiff candidate above this size (suffix sorting needs ~9x RAM).
-    bsdiff_max_bytes: int = 64 * 1024 * 1024
+    # Encoder: byte-level zstd stays at probe_level when the best patch so far is
+    # smaller than this fraction of that quick frame (full effort cannot catch up).
+    zstd_skip_ratio: float = 0.5
+    # Encoder: skip the bsdiff candidate above this size (base + target): suffix
+    # sorting needs ~9x RAM and is superlinear; big models are coded model-aware.
+    bsdiff_max_bytes: int = 16 * 1024 * 1024
+    # Encoder: code one-byte residuals with per-context ANS models when that is smaller
+    # (format version 2; the decoder then needs constriction, which has no aarch64 wheel).
+    ans: bool = True
+    # Encoder: also measure the per-channel order-0 bound of ANS patches (the bench).
+    measure_bound: bool = False
     # Encoder: methods to try ("tflite" applies only when both files parse as .tflite).
     methods: tuple[str, ...] = ("tflite", "zstd", "bsdiff")
     # Encoder: decode every candidate before keeping it (cheap next to encoding).

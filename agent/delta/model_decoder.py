@@ -11,9 +11,10 @@ from agent.delta.errors import CorruptPatchError
 from agent.delta.format import DeltaHeader, Section, SectionRef
 from agent.delta.limits import DeltaConfig
 from agent.delta.skeleton import base_skeleton, restore, sub_reference
-from agent.delta.streams import FrameReader, decompress_bounded
+from agent.delta.streams import FrameReader, RawReader, decompress_bounded
 from agent.delta.table import (
     Fixup,
+    Layout,
     Predictor,
     TensorEntry,
     decode_table,
@@ -21,7 +22,7 @@ from agent.delta.table import (
     validate_entry,
     validate_fixups,
 )
-from agent.delta.tensor_codec import chunks, inverse
+from agent.delta.tensor_codec import Workspace, chunks, inverse
 
 Writer = Callable[[bytes | memoryview], object]
 
@@ -87,18 +88,27 @@ def decode_tflite(
     for entry in entries:
         _resolve_ratios(entry, base, skel)
     residuals = FrameReader(handle, refs[2], config.max_window_log)
+    coded = RawReader(handle, refs[3]) if len(refs) > 3 else None
     view = memoryview(skel)
     pos = 0  # in the target
     spos = 0  # in the skeleton
+    ws = Workspace()
     for entry in entries:
         gap = entry.new_offset - pos
         write(view[spos : spos + gap])
         spos += gap
         size = entry.itemsize
+        read = residuals.read_exact
+        if entry.layout is Layout.ANS:
+            if coded is None:
+                raise CorruptPatchError("corrupt patch: ANS tensor in a version 1 patch")
+            read = coded.read_exact
         for start, count in chunks(entry):
             old = np.frombuffer(base, dtype=entry.dtype, count=count,
                                 offset=entry.old_offset + start * size)
-            write(inverse(entry, old, residuals.read_exact, start).data.cast("B"))
+            write(inverse(entry, old, read, start, ws).data.cast("B"))
         pos = entry.new_offset + entry.length
     write(view[spos:])
     residuals.finish()
+    if coded is not None:
+        coded.finish()

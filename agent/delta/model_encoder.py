@@ -13,6 +13,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from agent.delta import ans
+from agent.delta.ans_search import order0_bytes
 from agent.delta.format import Section
 from agent.delta.limits import DeltaConfig
 from agent.delta.skeleton import (
@@ -23,7 +25,7 @@ from agent.delta.skeleton import (
     target_skeleton,
 )
 from agent.delta.streams import compress, compress_blocks, window_log_for
-from agent.delta.table import Fixup, FixupKind, TensorEntry, encode_table
+from agent.delta.table import Fixup, FixupKind, Layout, TensorEntry, encode_table
 from agent.delta.tensor_codec import encode_tensor
 from agent.delta.tensor_search import plan_tensor
 from agent.delta.tflite import (
@@ -69,8 +71,9 @@ def _rebase_entries(
             continue
         # Cannot happen for a well-formed file; fall back to a plain difference.
         log.warning("scale vector of tensor at %d overlaps a tensor", entry.new_offset)
+        layout = Layout.PLAIN if entry.layout is Layout.ANS else entry.layout
         entries[i] = plain = replace(entry, predictor=type(entry.predictor).DIFF,
-                                     ratio_ref=None, coeffs=None)
+                                     ratio_ref=None, coeffs=None, layout=layout, models=())
         lo, hi = plain.old_offset, plain.old_offset + plain.length
         olds = np.frombuffer(old[lo:hi], plain.dtype)
         news = np.frombuffer(new[plain.new_offset : plain.new_offset + plain.length], plain.dtype)
@@ -145,8 +148,18 @@ def _residual_section(residuals: list[list[bytes]], config: DeltaConfig) -> byte
     return b"".join(frames)
 
 
+def _order0(entry: TensorEntry, old: bytes, new: bytes) -> float:
+    olds = np.frombuffer(old, entry.dtype, entry.count, entry.old_offset)
+    news = np.frombuffer(new, entry.dtype, entry.count, entry.new_offset)
+    return order0_bytes(entry, olds, news)
+
+
 def encode_tflite(
-    old: bytes, new: bytes, config: DeltaConfig, tick: Callable[[int], None]
+    old: bytes,
+    new: bytes,
+    config: DeltaConfig,
+    tick: Callable[[int], None],
+    stats: dict[str, float] | None = None,
 ) -> Sections | None:
     """Sections of a model-aware patch, or None when the method does not apply."""
     old_consts = parse_constants(old)
@@ -162,11 +175,19 @@ def encode_tflite(
         small = sum(map(len, pieces)) <= config.full_probe_bytes
         return len(tensor_frame(pieces, config, config.zstd_level if small else config.probe_level))
 
+    use_ans = config.ans and ans.available()
+
+    def quick_probe(pieces: list[bytes]) -> int:
+        # Only a safety net next to ANS: one quick frame, not two at full effort.
+        return len(compress_blocks(pieces, config.probe_level, config.min_block_bytes,
+                                   config.max_stream_window_log))
+
     entries: list[TensorEntry] = []
     residuals: list[list[bytes]] = []
     for old_c, new_c in sorted(pairs, key=lambda p: p[1].offset):
         planned = plan_tensor(old_c, new_c, old, new, probe,
-                              sorted_penalty=config.sorted_min_gain_bytes)
+                              sorted_penalty=config.sorted_min_gain_bytes,
+                              ans_probe=quick_probe if use_ans else None)
         tick(new_c.length)
         if planned is not None:
             entries.append(planned[0])
@@ -178,8 +199,18 @@ def encode_tflite(
     fixups = _fixups(scale_links(new), pairs, rebase)
     new_skel = bytearray(target_skeleton(new, entries))
     residualize(new_skel, fixups, old)
-    return [
+    is_ans = [e.layout is Layout.ANS for e in entries]
+    sections = [
         (Section.TENSOR_TABLE, compress(encode_table(entries, fixups), config.zstd_level)),
         _skeleton_section(base_skeleton(old, entries), bytes(new_skel), fixups, config),
-        (Section.RESIDUALS, _residual_section(residuals, config)),
+        (Section.RESIDUALS, _residual_section(
+            [[] if a else r for a, r in zip(is_ans, residuals, strict=True)], config)),
     ]
+    if any(is_ans):  # format version 2
+        coded = b"".join(b"".join(r) for a, r in zip(is_ans, residuals, strict=True) if a)
+        sections.append((Section.RESIDUALS_ANS, coded))
+        if stats is not None and config.measure_bound:
+            stats["ans_bytes"] = len(coded)
+            stats["order0_bytes"] = sum(_order0(e, old, new) for e in entries
+                                        if e.layout is Layout.ANS)
+    return sections

@@ -70,19 +70,23 @@ def symbols_per_byte(a: int) -> int:
 
 
 def context_keys(
-    scaled: FloatArray, rounded: FloatArray, ctx: Contexts
+    scaled: FloatArray,
+    rounded: FloatArray,
+    ctx: Contexts,
+    scratch: tuple[FloatArray, FloatArray] | None = None,
 ) -> tuple[KeyArray, BoolArray | None]:
     """Per-element key in [0, ctx.count) and where the residual is negated.
 
-    In-place steps: fresh chunk-sized temporaries cost page faults, not arithmetic.
+    In-place steps (into ``scratch`` when given): fresh chunk-sized temporaries cost
+    page faults, not arithmetic.
     """
-    mag = np.abs(rounded)
+    mag = np.abs(rounded, out=scratch[0] if scratch is not None else None)
     mag *= 2.0**-ctx.shift
     np.minimum(mag, ctx.mags - 0.5, out=mag)
     np.floor(mag, out=mag)
     if ctx.fracs == 1:
         return mag.astype(np.uint8), None
-    frac = scaled - rounded
+    frac = np.subtract(scaled, rounded, out=scratch[1] if scratch is not None else None)
     flip = frac < 0
     np.abs(frac, out=frac)
     frac *= 2 * ctx.fracs

@@ -148,6 +148,24 @@ class FrameReader:
             raise CorruptPatchError(f"corrupt patch: section {self._name} has stray data")
 
 
+class RawReader:
+    """Exact-size reads from a section stored as is (ANS streams), bounded to it."""
+
+    def __init__(self, handle: BinaryIO, ref: SectionRef) -> None:
+        self._name = ref.kind.name
+        self._reader = io.BufferedReader(SliceReader(handle, ref.offset, ref.length), 1 << 16)
+
+    def read_exact(self, n: int) -> bytes:
+        data = self._reader.read(n) if n else b""
+        if len(data) != n:
+            raise CorruptPatchError(f"corrupt patch: section {self._name} ends early")
+        return data
+
+    def finish(self) -> None:
+        if self._reader.read(1):
+            raise CorruptPatchError(f"corrupt patch: section {self._name} has stray data")
+
+
 def decompress_bounded(handle: BinaryIO, ref: SectionRef, limit: int, max_window_log: int) -> bytes:
     """A whole small section (tables, control streams), refusing more than ``limit``."""
     reader = FrameReader(handle, ref, max_window_log)

@@ -15,6 +15,7 @@ from enum import IntEnum
 import numpy as np
 import numpy.typing as npt
 
+from agent.delta.ans import ContextModel, encode_models, parse_models
 from agent.delta.errors import CorruptPatchError
 from agent.delta.format import CHUNK_ELEMS, encode_uvarint
 from agent.delta.packing import MAX_FRACS, MAX_MAGS
@@ -53,6 +54,7 @@ class Layout(IntEnum):
     PLAIN = 0  # little-endian elements
     PLANES = 1  # byte planes per chunk (multi-byte types)
     SORTED = 2  # context-sorted, packed (packing.py)
+    ANS = 3  # one-byte types: per-context models, ANS-coded (ans.py; format version 2)
 
 
 class Predictor(IntEnum):
@@ -82,10 +84,12 @@ class TensorEntry:
     # Spatial prediction of the residual over axes 1 and 2 (left, up, up-left) / 64.
     coeffs: tuple[int, int, int] | None = None
     layout: Layout = Layout.PLAIN
-    # SORTED: contexts = key_mags buckets of |prediction| >> key_shift, key_fracs bins.
+    # SORTED, ANS: contexts = key_mags buckets of |prediction| >> key_shift, key_fracs bins.
     key_shift: int = 0
     key_mags: int = 1
     key_fracs: int = 1
+    # ANS: one model per context (None where the tensor has no residual in it).
+    models: tuple[ContextModel | None, ...] = ()
 
     @property
     def itemsize(self) -> int:
@@ -167,8 +171,10 @@ def encode_entry(e: TensorEntry, prev_end: int) -> bytes:
         for c in e.coeffs:
             out += _svarint(c)
     out.append(int(e.layout))
-    if e.layout is Layout.SORTED:
+    if e.layout in (Layout.SORTED, Layout.ANS):
         out += bytes((e.key_shift, e.key_mags, e.key_fracs))
+    if e.layout is Layout.ANS:
+        out += encode_models(e.models, encode_uvarint, _svarint)
     return bytes(out)
 
 
@@ -295,8 +301,10 @@ def _parse_layout(cur: _Cursor, entry: TensorEntry) -> None:
         entry.layout = Layout(cur.byte())
     except ValueError as err:
         raise CorruptPatchError("corrupt patch: unknown layout in table") from err
-    if entry.layout is Layout.SORTED:
+    if entry.layout in (Layout.SORTED, Layout.ANS):
         entry.key_shift, entry.key_mags, entry.key_fracs = cur.byte(), cur.byte(), cur.byte()
+    if entry.layout is Layout.ANS:
+        entry.models = parse_models(cur, entry.key_mags * entry.key_fracs)
 
 
 def validate_entry(e: TensorEntry, old_size: int) -> None:
@@ -318,9 +326,9 @@ def validate_entry(e: TensorEntry, old_size: int) -> None:
         bad = "bad spatial predictor"
     elif e.layout is Layout.PLANES and e.itemsize == 1:
         bad = "byte planes on a one-byte type"
-    elif e.layout is Layout.SORTED and not (
+    elif e.layout in (Layout.SORTED, Layout.ANS) and not (
         e.dtype[1] in "iu"
-        and e.itemsize <= 4
+        and (e.itemsize <= 4 if e.layout is Layout.SORTED else e.itemsize == 1)
         and e.key_shift <= MAX_KEY_SHIFT
         and 1 <= e.key_mags <= MAX_MAGS
         and 1 <= e.key_fracs <= (MAX_FRACS if e.predictor is Predictor.RESCALE else 1)

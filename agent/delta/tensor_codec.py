@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.delta.ans import decode_chunk, encode_chunk
 from agent.delta.format import CHUNK_ELEMS
 from agent.delta.packing import (
     BoolArray,
@@ -99,34 +100,66 @@ def _channels(entry: TensorEntry, start: int, count: int) -> tuple[tuple[int, ..
     return (count,), lambda p: p[ch] if len(p) > 1 else p[0]
 
 
+class Workspace:
+    """Chunk-sized scratch arrays reused from chunk to chunk by the decoder.
+
+    Fresh megabyte-sized temporaries cost page faults, which made up most of the
+    decoder's time. One per decode call: never shared between threads.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[int, np.dtype[Any]], AnyArray] = {}
+
+    def get(self, slot: int, n: int, dtype: np.dtype[Any]) -> AnyArray:
+        buf = self._bufs.get((slot, dtype))
+        if buf is None or buf.size < n:
+            buf = self._bufs[(slot, dtype)] = np.empty(max(n, CHUNK_ELEMS), dtype)
+        return buf[:n]
+
+
+def _fresh(slot: int, n: int, dtype: np.dtype[Any]) -> AnyArray:
+    return np.empty(n, dtype)
+
+
 class _Chunk:
     """The prediction of one chunk and what context keys need from it."""
 
-    def __init__(self, entry: TensorEntry, old: AnyArray, start: int) -> None:
+    def __init__(
+        self, entry: TensorEntry, old: AnyArray, start: int, ws: Workspace | None = None
+    ) -> None:
         self.entry = entry
+        self.alloc = ws.get if ws is not None else _fresh
+        n = old.size
         self.fdt, self.idt = work_types(entry)
         self.udt = unsigned(entry.dtype)
         self.sdt = signed(entry.dtype)
         shape, pick = _channels(entry, start, old.size)
-        needs_float = entry.predictor is Predictor.RESCALE or entry.layout is Layout.SORTED
+        needs_float = entry.predictor is Predictor.RESCALE or entry.layout in (
+            Layout.SORTED, Layout.ANS)
         self.scaled = self.rounded = None
         if needs_float:
-            x = old.astype(self.fdt).reshape(shape)
+            x = self.alloc(0, n, self.fdt).reshape(shape)
+            x[...] = old.reshape(shape)
             if np.any(entry.zp_old):
                 x -= pick(entry.zp_old.astype(self.fdt))
             if entry.predictor is Predictor.RESCALE:
                 x *= pick(entry.ratios.astype(self.fdt))
-                self.rounded = np.rint(x)
+                self.rounded = np.rint(x, out=self.alloc(1, n, self.fdt).reshape(shape))
             else:
                 self.rounded = x
             self.scaled = x
         if entry.predictor is Predictor.RESCALE:
             assert self.rounded is not None
             info = np.iinfo(np.dtype(entry.dtype))
-            pred = self.rounded + pick(entry.zp_new.astype(self.fdt)) if np.any(
-                entry.zp_new) else self.rounded
-            pred = np.clip(pred, info.min, info.max)
-            self.pred = pred.astype(np.dtype(entry.dtype)).reshape(-1).view(self.udt)
+            tmp = self.alloc(2, n, self.fdt).reshape(shape)
+            if np.any(entry.zp_new):
+                np.add(self.rounded, pick(entry.zp_new.astype(self.fdt)), out=tmp)
+                np.clip(tmp, info.min, info.max, out=tmp)
+            else:
+                np.clip(self.rounded, info.min, info.max, out=tmp)
+            pred = self.alloc(3, n, np.dtype(entry.dtype))
+            pred[...] = tmp.reshape(-1)
+            self.pred = pred.view(self.udt)
         else:
             self.pred = old.view(self.udt)
 
@@ -134,7 +167,9 @@ class _Chunk:
         e = self.entry
         assert self.scaled is not None and self.rounded is not None
         ctx = Contexts(e.key_shift, e.key_mags, e.key_fracs)
-        return context_keys(self.scaled.reshape(-1), self.rounded.reshape(-1), ctx)
+        n = self.scaled.size
+        scratch = (self.alloc(4, n, self.fdt), self.alloc(5, n, self.fdt))
+        return context_keys(self.scaled.reshape(-1), self.rounded.reshape(-1), ctx, scratch)
 
 
 def scaled_values(entry: TensorEntry, old: AnyArray, start: int) -> FloatArray:
@@ -188,7 +223,36 @@ def forward(
         e = wrap_signed(r - _spatial_pred(r, entry.coeffs), bits).reshape(-1)
     if entry.layout is Layout.SORTED:
         return pack_sorted(e, *chunk.keys(), entry.itemsize)
+    if entry.layout is Layout.ANS:
+        keys, flip = chunk.keys()
+        return None, [encode_chunk(keys, flipped(e, flip), entry.models)]
     return None, [_planes(entry, (e & ((1 << (8 * entry.itemsize)) - 1)).astype(chunk.udt))]
+
+
+def flipped(e: Int64Array, flip: BoolArray | None) -> npt.NDArray[np.int8]:
+    """One-byte residuals negated where the rounding fraction was negative (wrapping)."""
+    v = e.astype(np.int8)
+    if flip is not None:  # (x ^ -1) + 1 == -x, wrapping like the decoder
+        neg = np.negative(flip.view(np.int8))
+        v ^= neg
+        v -= neg
+    return v
+
+
+def chunk_features(
+    entry: TensorEntry, old: AnyArray, new: AnyArray
+) -> Iterator[tuple[FloatArray, FloatArray, npt.NDArray[np.int8]]]:
+    """Encoder, one-byte types: per chunk, what context keys are made of (the scaled
+    and rounded prediction) and the int8 residual the ANS layout codes."""
+    probe = replace(entry, layout=Layout.ANS)
+    for s, n in chunks(entry):
+        chunk = _Chunk(probe, old[s : s + n], s)
+        e = (new[s : s + n].view(chunk.udt) - chunk.pred).view(np.int8)
+        if entry.coeffs is not None:
+            r = _slab(entry, e.astype(np.int64))
+            e = wrap_signed(r - _spatial_pred(r, entry.coeffs), 8).reshape(-1).astype(np.int8)
+        assert chunk.scaled is not None and chunk.rounded is not None
+        yield chunk.scaled.reshape(-1), chunk.rounded.reshape(-1), e
 
 
 def _planes(entry: TensorEntry, e_u: AnyArray) -> bytes:
@@ -197,13 +261,22 @@ def _planes(entry: TensorEntry, e_u: AnyArray) -> bytes:
     return e_u.tobytes()
 
 
-def inverse(entry: TensorEntry, old: AnyArray, read: Reader, start: int) -> npt.NDArray[Any]:
+def inverse(
+    entry: TensorEntry, old: AnyArray, read: Reader, start: int, ws: Workspace | None = None
+) -> npt.NDArray[Any]:
     """Target elements of one chunk (unsigned bits, contiguous: write them as a buffer)."""
     count = old.size
-    chunk = _Chunk(entry, old, start)
+    chunk = _Chunk(entry, old, start, ws)
     size = entry.itemsize
     if entry.layout is Layout.SORTED:
         e: AnyArray = unpack_sorted(read, *chunk.keys(), size, chunk.idt)
+    elif entry.layout is Layout.ANS:
+        keys, flip = chunk.keys()
+        e = decode_chunk(read, keys, entry.models)
+        if flip is not None:  # (x ^ -1) + 1 == -x: int8 wraps exactly like the encoder's
+            neg = np.negative(flip.view(np.int8))
+            e ^= neg
+            e -= neg
     elif entry.layout is Layout.PLANES:
         planes = np.frombuffer(read(count * size), np.uint8).reshape(size, count)
         e = np.ascontiguousarray(planes.T).view(chunk.udt).reshape(count)

@@ -17,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 import numpy.typing as npt
 
+from agent.delta.ans_search import plan_ans
 from agent.delta.format import CHUNK_ELEMS
 from agent.delta.packing import MAX_FRACS, MAX_MAGS
 from agent.delta.table import (
@@ -45,8 +46,11 @@ from agent.delta.tflite import ConstTensor
 log = logging.getLogger(__name__)
 
 Probe = Callable[[list[bytes]], int]
-# Elements used to fit the spatial predictor (a random subset beyond this).
-FIT_SAMPLES = 1 << 20
+# Elements used to fit the spatial predictor (the leading slabs of bigger tensors:
+# sampling costs more than the fit, and slabs are alike).
+FIT_SAMPLES = 1 << 18
+# With ANS on, one-byte tensors up to this size are also ranked with every zstd layout.
+SMALL_TENSOR_BYTES = 16 * 1024
 # Context layouts tried for SORTED: (magnitude buckets, fraction bins).
 CONTEXT_GRID = ((1, 1), (2, 1), (4, 1), (8, 1), (16, 1), (2, 2), (4, 2), (8, 2), (16, 2),
                 (4, 3), (8, 3))
@@ -127,7 +131,8 @@ def _residual(entry: TensorEntry, old_arr: AnyArray, new_arr: AnyArray) -> npt.N
 
 def _fit_spatial(entry: TensorEntry, r: npt.NDArray[np.int64]) -> tuple[int, int, int] | None:
     """Least-squares (left, up, up-left) weights, in 64ths, for the residual field."""
-    field = r.reshape(entry.shape).astype(np.float64)
+    rows = max(1, FIT_SAMPLES // math.prod(entry.shape[1:]))
+    field = r.reshape(entry.shape)[:rows].astype(np.float64)
     left = np.zeros_like(field)
     up = np.zeros_like(field)
     upleft = np.zeros_like(field)
@@ -136,9 +141,6 @@ def _fit_spatial(entry: TensorEntry, r: npt.NDArray[np.int64]) -> tuple[int, int
     upleft[:, 1:, 1:] = field[:, :-1, :-1]
     feats = np.stack([left.ravel(), up.ravel(), upleft.ravel()], axis=1)
     target = field.ravel()
-    if target.size > FIT_SAMPLES:
-        pick = np.random.default_rng(0).choice(target.size, FIT_SAMPLES, replace=False)
-        feats, target = feats[pick], target[pick]
     if not np.any(feats):
         return None
     coef, *_ = np.linalg.lstsq(feats, target, rcond=None)
@@ -187,10 +189,13 @@ def plan_tensor(
     probe: Probe,
     *,
     sorted_penalty: int = 0,
+    ans_probe: Probe | None = None,
 ) -> tuple[TensorEntry, list[bytes]] | None:
     """The best entry and its residual bytes, or None to leave the tensor raw.
 
     Raw tensors stay in the skeleton, where zstd can still find them in the base.
+    With ``ans_probe``, one-byte integer tensors are ANS-coded, and zstd (plain
+    residuals, raw tensor) is only ranked with that quicker probe.
     """
     old_raw = old_data[old.offset : old.offset + old.length]
     new_raw = new_data[new.offset : new.offset + new.length]
@@ -217,15 +222,20 @@ def plan_tensor(
                 candidates.append(replace(entry, coeffs=coeffs))
     if dt.itemsize > 1:
         candidates += [replace(c, layout=Layout.PLANES) for c in candidates]
-    scored = sorted(
-        (_score(c, old_arr, new_arr, probe) for c in candidates), key=lambda t: t[0]
-    )
-    if dt.kind in "iu" and dt.itemsize <= 4:
-        # Context sorting is costlier to try: only on the two best predictions.
-        for _, entry, _ in scored[:2]:
-            sorted_entry = _best_sorted(replace(entry, layout=Layout.PLAIN), old_arr, new_arr)
-            cost, chosen, pieces = _score(sorted_entry, old_arr, new_arr, probe)
-            scored.append((cost + sorted_penalty, chosen, pieces))
+    if ans_probe is not None and dt.itemsize == 1 and dt.kind in "iu":
+        small = new.length <= SMALL_TENSOR_BYTES
+        full_probe, probe = probe, ans_probe
+        # ANS codes one-byte residuals near their context entropy: no zstd ranking
+        # or context sorting; plain zstd of the ANS winner's prediction stays a
+        # candidate for residuals with long repeats.
+        coded = plan_ans(candidates, old_arr, new_arr)
+        plain = replace(coded[1], layout=Layout.PLAIN, models=(), key_shift=0, key_mags=1,
+                        key_fracs=1)
+        scored = [coded, _score(plain, old_arr, new_arr, probe)]
+        if small:  # zstd layouts are cheap to rank here, and a table entry costs more
+            scored += _rank(candidates, old_arr, new_arr, full_probe, sorted_penalty)
+    else:
+        scored = _rank(candidates, old_arr, new_arr, probe, sorted_penalty)
     best = min(scored, key=lambda t: t[0])
     raw_cost = probe([new_raw]) if new.length > 8 else new.length
     log.debug("tensor %s: %s/%s %d bytes, raw %d", new.key[0], best[1].predictor.name,
@@ -233,3 +243,21 @@ def plan_tensor(
     if raw_cost <= best[0]:
         return None
     return best[1], best[2]
+
+
+def _rank(
+    candidates: list[TensorEntry], old_arr: AnyArray, new_arr: AnyArray, probe: Probe,
+    sorted_penalty: int,
+) -> list[tuple[int, TensorEntry, list[bytes]]]:
+    """zstd-probed candidates, and the two best also context-sorted."""
+    scored = sorted(
+        (_score(c, old_arr, new_arr, probe) for c in candidates), key=lambda t: t[0]
+    )
+    dt = np.dtype(candidates[0].dtype)
+    if dt.kind in "iu" and dt.itemsize <= 4:
+        # Context sorting is costlier to try: only on the two best predictions.
+        for _, entry, _ in scored[:2]:
+            sorted_entry = _best_sorted(replace(entry, layout=Layout.PLAIN), old_arr, new_arr)
+            cost, chosen, pieces = _score(sorted_entry, old_arr, new_arr, probe)
+            scored.append((cost + sorted_penalty, chosen, pieces))
+    return scored
