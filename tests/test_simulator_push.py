@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,11 @@ def test_the_relay_hands_each_device_its_own_commands(mosquitto_url: str) -> Non
     endpoint = parse_mqtt_url(mosquitto_url)
     creds = MqttCredentials(endpoint.host, endpoint.port, "", "", endpoint.tls)
     heard: list[tuple[str, dict[str, Any]]] = []
+    # The broker is shared: other servers' pushes may pass through; count only ours.
+    ours = tuple(f"cam-{name}-{secrets.token_hex(4)}" for name in ("a", "b"))
+
+    def mine() -> list[tuple[str, dict[str, Any]]]:
+        return sorted(h for h in heard if h[0] in ours)
 
     async def run() -> int:
         relay = CommandRelay("relay-test", creds, LinkLimits(connect_timeout_s=5), _collect)
@@ -108,12 +114,12 @@ def test_the_relay_hands_each_device_its_own_commands(mosquitto_url: str) -> Non
         sender = paho.Client(CallbackAPIVersion.VERSION2, client_id="relay-test-sender")
         sender.connect(endpoint.host, endpoint.port)
         sender.loop_start()
-        for device in ("cam-a", "cam-b"):
+        for device in ours:
             body = json.dumps({"action": "checkin", "reason": f"for {device}"})
             sender.publish(topics.topic(device, "cmd"), body, qos=1).wait_for_publish(5)
-        sender.publish(topics.topic("cam-a", "telemetry"), "{}", qos=1).wait_for_publish(5)
+        sender.publish(topics.topic(ours[0], "telemetry"), "{}", qos=1).wait_for_publish(5)
         for _ in range(50):
-            if len(heard) >= 2:
+            if len(mine()) >= 2:
                 break
             await asyncio.sleep(0.1)
         sender.loop_stop()
@@ -128,11 +134,8 @@ def test_the_relay_hands_each_device_its_own_commands(mosquitto_url: str) -> Non
         heard.append((device_id, command))
 
     routed = asyncio.run(run())
-    assert routed == 2
-    assert sorted(heard) == [
-        ("cam-a", {"action": "checkin", "reason": "for cam-a"}),
-        ("cam-b", {"action": "checkin", "reason": "for cam-b"}),
-    ]
+    assert routed >= 2  # the telemetry message is not a command: never routed
+    assert mine() == [(d, {"action": "checkin", "reason": f"for {d}"}) for d in ours]
 
 
 async def _drive(relay: CommandRelay) -> None:

@@ -213,8 +213,20 @@ def model_target_path(name: str, release: int, variant: str) -> str:
     return f"{release_target_prefix(name, release)}{variant}.tflite"
 
 
-def delta_target_path(name: str, release: int, variant: str, base_sha256: str) -> str:
-    return f"deltas/{check_name(name)}/{release}/{variant}/{check_sha256(base_sha256)}.efd"
+# Delta format versions a target path can name (docs/delta-format.md). Version 1 keeps
+# the path every deployed agent asks for; version 2 (ANS) sits beside it, for devices
+# that can decode it (constriction installed).
+DELTA_FORMAT_VERSIONS = (1, 2)
+
+
+def delta_target_path(
+    name: str, release: int, variant: str, base_sha256: str, format_version: int = 1
+) -> str:
+    """Where the delta from ``base_sha256`` to a release is signed, per format version."""
+    if format_version not in DELTA_FORMAT_VERSIONS:
+        raise ProtocolError(f"unknown delta format version {format_version}")
+    suffix = ".efd" if format_version == 1 else f".v{format_version}.efd"
+    return f"deltas/{check_name(name)}/{release}/{variant}/{check_sha256(base_sha256)}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -228,6 +240,8 @@ class DeltaManifest:
     target_sha256: str
     target_length: int
     target_path: str
+    # The patch's format version (its header's): what a device needs to decode it.
+    format_version: int = 1
 
     kind = "delta"
 
@@ -249,4 +263,12 @@ class DeltaManifest:
             target_sha256=check_sha256(_req(data, "target_sha256", str), "target_sha256"),
             target_length=length,
             target_path=_req(data, "target_path", str),
+            format_version=_format_version(data.get("format_version", 1)),
         )
+
+
+def _format_version(value: Any) -> int:
+    """Deltas signed before version 2 existed carry no version: they are version 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ProtocolError("delta format_version must be a positive integer")
+    return value

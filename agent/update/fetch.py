@@ -3,9 +3,12 @@
 The director names a target path; everything about it (length, hash, what it
 is) comes from TUF metadata the device verified itself, so a compromised
 director can only pick among validly signed targets. A delta is tried first
-when the repository signs one from the sha256 this device runs; any problem
-with it (absent, refused, corrupt) falls back to the full file, and the
-result says which happened.
+when the repository signs one from the sha256 this device runs: the version-2
+(ANS) patch when this install can decode it (``ans_available()``) and it is
+signed, else the version-1 patch every agent reads (``delta_choices``). Any
+problem with the chosen one (absent, refused, corrupt) falls back to the full
+file, and the result says which happened (``via``: ``delta-ans``, ``delta``
+or ``full``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.common.errors import AgentError, DeltaError, VerificationError
-from agent.delta import apply_delta
+from agent.delta import ans_available, apply_delta
 from agent.protocol.api import DesiredTarget
 from agent.protocol.custom_fields import TargetInfo
-from agent.protocol.manifest import DeltaManifest, ModelManifest, delta_target_path
+from agent.protocol.manifest import (
+    DeltaManifest,
+    ModelManifest,
+    check_sha256,
+    delta_target_path,
+)
 from agent.update.download import DownloadLimits, download, target_url
 from agent.update.state_machine import UpdateRecord
 from agent.update.trust import TrustClient
@@ -30,6 +38,47 @@ log = logging.getLogger(__name__)
 
 # (sha256, path) of the model the device runs now, or None before the first install.
 CurrentModel = Callable[[], tuple[str, Path] | None]
+# What a download through each delta format version is reported as (bandwidth rows).
+DELTA_VIA = {1: "delta", 2: "delta-ans"}
+
+
+@dataclass(frozen=True)
+class DeltaChoice:
+    """One delta target a device may ask for: its path, format version and report name."""
+
+    path: str
+    format_version: int
+    via: str
+
+
+def delta_choices(
+    name: str, release: int, variant: str, base_sha256: str, *, ans: bool
+) -> list[DeltaChoice]:
+    """Pure: the delta targets to look for, best first; the first one signed is used.
+
+    Version 2 only when this install decodes ANS (no aarch64 constriction wheel yet).
+    """
+    versions = (2, 1) if ans else (1,)
+    return [
+        DeltaChoice(delta_target_path(name, release, variant, base_sha256, v), v, DELTA_VIA[v])
+        for v in versions
+    ]
+
+
+def check_delta(
+    delta: DeltaManifest, choice: DeltaChoice, base_sha256: str, target: TargetInfo
+) -> None:
+    """The signed delta must patch this base into exactly this target, in its path's format."""
+    if (delta.base_sha256, delta.target_sha256, delta.target_length) != (
+        check_sha256(base_sha256),
+        target.sha256,
+        target.length,
+    ):
+        raise VerificationError(f"delta {choice.path} is signed for another base or target")
+    if delta.format_version != choice.format_version:
+        raise VerificationError(
+            f"delta {choice.path} is signed as format version {delta.format_version}"
+        )
 
 
 @dataclass(frozen=True)
@@ -65,8 +114,8 @@ class TufFetcher:
         current = self.current() if self.limits.use_deltas else None
         if current is not None and current[0] != info.sha256:
             try:
-                sent = self._via_delta(desired, info, current, dest, detail)
-                return FetchResult(dest, "delta", sent, {**detail, "via": "delta"})
+                sent, via = self._via_delta(desired, info, current, dest, detail)
+                return FetchResult(dest, via, sent, {**detail, "via": via})
             except AgentError as err:
                 detail["fallback"] = str(err)
                 log.warning("delta for %s not used (%s); downloading the full file", info.path, err)
@@ -87,20 +136,24 @@ class TufFetcher:
         current: tuple[str, Path],
         dest: Path,
         detail: dict[str, Any],
-    ) -> int:
+    ) -> tuple[int, str]:
+        """Download and apply the best signed delta; (bytes downloaded, its ``via``)."""
         base_sha, base_path = current
-        path = delta_target_path(desired.name, desired.release, desired.variant, base_sha)
-        try:
-            delta_info = self.trust.target_info(path)
-        except VerificationError as err:
-            raise DeltaError(f"no signed delta from {base_sha[:12]}") from err
-        delta = DeltaManifest.from_custom(delta_info.custom)
-        if (delta.base_sha256, delta.target_sha256, delta.target_length) != (
-            base_sha,
-            info.sha256,
-            info.length,
-        ):
-            raise VerificationError(f"delta {path} is signed for another base or target")
+        choices = delta_choices(
+            desired.name, desired.release, desired.variant, base_sha, ans=ans_available()
+        )
+        missing: VerificationError | None = None
+        for choice in choices:
+            try:
+                delta_info = self.trust.target_info(choice.path)
+                break
+            except VerificationError as err:
+                missing = err
+        else:
+            raise DeltaError(f"no signed delta from {base_sha[:12]}") from missing
+        path = choice.path
+        check_delta(DeltaManifest.from_custom(delta_info.custom), choice, base_sha, info)
+        detail["delta_path"] = path
         patch = dest.with_name(dest.name + ".efd")
         url = target_url(self.base_url, delta_info.path, delta_info.sha256)
         result = download(url, patch, delta_info.length, delta_info.sha256, self.limits.download)
@@ -112,7 +165,7 @@ class TufFetcher:
         log.info(
             "applied delta %s: %d bytes for a %d-byte model", path, delta_info.length, info.length
         )
-        return result.bytes_transferred
+        return result.bytes_transferred, choice.via
 
     def target_info(self, target_path: str) -> TargetInfo:
         """Signed facts about a target, from freshly refreshed metadata."""

@@ -10,6 +10,14 @@ The child reports progress (tensors or bytes done over total, from
 ``agent.delta.make_delta``) over a pipe; the thread writes it to the job row
 at most every ``progress_every_s``. A patch not smaller than the full file is
 ``skipped``; any error is ``failed`` with its reason; neither is retried.
+
+One job builds every format version a device may need: the ANS-coded version 2
+patch first when the builder has constriction; when ANS won nowhere that patch
+is version 1 already, else a version 1 patch (``DeltaConfig(ans=False)``) is
+built too, for agents without constriction (aarch64) and older ones.
+``versions_to_sign`` picks what is signed; the job row keeps the version 1
+patch's size and method (what every device can use) and names a signed
+version 2 patch's size in ``reason``.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from server.db.tables import Database
 from server.errors import ServerError
 from server.publish import delta_jobs
 from server.publish.delta_jobs import DONE, FAILED, SKIPPED, ClaimedJob, JobLease
-from server.publish.deltas import sign_delta
+from server.publish.deltas import sign_delta, versions_to_sign
 from server.publish.tuf_repo import TufRepository
 
 log = logging.getLogger(__name__)
@@ -47,25 +55,46 @@ class BuildOutcome:
     reason: str | None = None
     delta_bytes: int | None = None
     method: str | None = None
+    signed: tuple[str, ...] = ()  # the delta target paths it signed
+
+
+def patch_file(out_dir: Path, version: int) -> Path:
+    """Where the child writes the format ``version`` patch."""
+    return out_dir / f"patch.v{version}.efd"
 
 
 def _make_in_child(
-    old: str, new: str, out: str, conn: multiprocessing.connection.Connection
+    old: str, new: str, out_dir: str, conn: multiprocessing.connection.Connection
 ) -> None:
-    """The child's entry point: make the patch, send progress and the result."""
-    from agent.delta import make_delta  # noqa: PLC0415 - only the child needs the codec
+    """The child's entry point: make the patches, send progress and, per version, the result."""
+    # Only the child needs the codec; whether ANS is available is this interpreter's fact.
+    from agent.delta import DeltaConfig, ans_available, make_delta, read_header  # noqa: PLC0415
 
     last = [-1.0]
+    span = [0.0, 1.0]  # the share of the job the current build covers
 
     def progress(done: int, total: int) -> None:
-        fraction = done / total if total else 0.0
-        if fraction - last[0] >= 0.01 or done == total:  # at most ~100 messages
+        fraction = span[0] + span[1] * (done / total if total else 0.0)
+        if fraction - last[0] >= 0.01 or done == total:  # at most ~100 messages per build
             last[0] = fraction
             conn.send(("progress", fraction))
 
+    built: list[tuple[int, int, str]] = []  # (format version, bytes, method)
     try:
-        info = make_delta(Path(old), Path(new), Path(out), progress)
-        conn.send(("done", info.patch_size, info.method))
+        if ans_available():
+            span[:] = [0.0, 0.5]
+            out = patch_file(Path(out_dir), 2)
+            info = make_delta(Path(old), Path(new), out, progress)
+            version = read_header(out).version
+            if version != 2:  # ANS won nowhere: this is the version 1 patch already
+                out.replace(patch_file(Path(out_dir), version))
+            built.append((version, info.patch_size, info.method))
+            span[:] = [0.5, 0.5]
+        if not any(v == 1 for v, _, _ in built):
+            out = patch_file(Path(out_dir), 1)
+            info = make_delta(Path(old), Path(new), out, progress, DeltaConfig(ans=False))
+            built.append((1, info.patch_size, info.method))
+        conn.send(("done", built))
     except Exception as err:  # every failure is this job's reason
         conn.send(("error", f"{type(err).__name__}: {err}"))
     finally:
@@ -181,20 +210,22 @@ class DeltaWorker:
             self.repo.target_info(target)  # reloads metadata other processes signed
             new_file, old_file = self.repo.target_file(target), self.repo.target_file(base)
             with tempfile.TemporaryDirectory(prefix="edgefleet-delta-") as tmp:
-                out = Path(tmp) / "patch.efd"
-                size, method = self._make(job.id, old_file, new_file, out)
-                if size >= job.target_bytes:
+                built = self._make(job.id, old_file, new_file, Path(tmp))
+                sizes = {v: size for v, (size, _) in built.items()}
+                chosen = versions_to_sign(sizes, job.target_bytes)
+                size, method = built[chosen[0] if chosen else 1]
+                if not chosen:
                     reason = (f"the patch ({size} bytes, {method}) is not smaller than "
                               f"the file ({job.target_bytes} bytes)")  # fmt: skip
                     log.info("delta %s skipped: %s", what, reason)
                     return BuildOutcome(job.id, SKIPPED, reason, size, method)
-                sign_delta(
+                signed = sign_delta(
                     self.repo,
                     job.name,
                     job.release,
                     job.variant,
                     base_sha256=job.base_sha256,
-                    patch=out,
+                    patches={v: patch_file(Path(tmp), v) for v in chosen},
                 )
         except _StoppedError:
             raise
@@ -204,16 +235,21 @@ class DeltaWorker:
         except Exception as err:  # a bug must fail this job, not leave it building forever
             log.exception("delta %s failed", what)
             return BuildOutcome(job.id, FAILED, f"{type(err).__name__}: {err}")
-        log.info("delta %s: %d bytes (%.1f%% of %d, %s) in %.1f s", what, size,
+        note = None
+        if 2 in chosen:
+            note = f"format version 2 (ANS) signed too: {built[2][0]} bytes ({built[2][1]})"
+            if 1 not in chosen:
+                method = f"{method} (v2 only)"
+        log.info("delta %s: %d bytes (%.1f%% of %d, %s) in %.1f s%s", what, size,
                  100.0 * size / max(job.target_bytes, 1), job.target_bytes, method,
-                 time.monotonic() - started)  # fmt: skip
-        return BuildOutcome(job.id, DONE, None, size, method)
+                 time.monotonic() - started, f"; {note}" if note else "")  # fmt: skip
+        return BuildOutcome(job.id, DONE, note, size, method, tuple(signed))
 
-    def _make(self, job_id: int, old: Path, new: Path, out: Path) -> tuple[int, str]:
-        """Run make_delta in a child process; (patch size, method)."""
+    def _make(self, job_id: int, old: Path, new: Path, out_dir: Path) -> dict[int, tuple[int, str]]:
+        """Run the builds in a child process; format version -> (patch size, method)."""
         receive, send = self._ctx.Pipe(duplex=False)
         child = self._ctx.Process(
-            target=_make_in_child, args=(str(old), str(new), str(out), send),
+            target=_make_in_child, args=(str(old), str(new), str(out_dir), send),
             name=f"edgefleet-delta-{job_id}", daemon=True,
         )  # fmt: skip
         try:
@@ -237,7 +273,7 @@ class DeltaWorker:
 
     def _follow(
         self, job_id: int, child: Any, receive: multiprocessing.connection.Connection
-    ) -> tuple[int, str]:
+    ) -> dict[int, tuple[int, str]]:
         reported = 0.0
         while True:
             try:
@@ -252,7 +288,7 @@ class DeltaWorker:
                     raise _StoppedError
                 continue
             if message[0] == "done":
-                return int(message[1]), str(message[2])
+                return {int(v): (int(size), str(method)) for v, size, method in message[1]}
             if message[0] == "error":
                 raise _ChildError(str(message[1]))
             now = time.monotonic()

@@ -7,13 +7,16 @@ the background worker (``server.publish.delta_worker``) makes each patch and
 signs it here as its own TUF target whose ``custom`` names the base and target
 sha256, so a device asks for exactly ``delta_target_path(name, release,
 variant, <sha256 it runs>)`` and falls back to the full file while no such
-target exists.
+target exists. Every pair gets a format version 1 patch at that path (every
+agent decodes it); when an ANS-coded version 2 patch is smaller, it is signed
+beside it at ``delta_target_path(..., format_version=2)`` for devices that can
+decode it (``custom["format_version"]`` says which is which).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +78,19 @@ def choose_bases(
     return (chosen + rest)[:max_bases]
 
 
+def versions_to_sign(sizes: Mapping[int, int], target_bytes: int) -> list[int]:
+    """Pure: which built patches (format version -> bytes) are worth signing.
+
+    Version 1 whenever it is smaller than the file: it is what every agent decodes, and
+    deployed agents know only its path. Version 2 only when it is smaller than both the
+    file and the version 1 patch (a device that can decode it then saves bytes).
+    """
+    chosen = [1] if 1 in sizes and sizes[1] < target_bytes else []
+    if 2 in sizes and sizes[2] < min(target_bytes, sizes.get(1, target_bytes)):
+        chosen.append(2)
+    return chosen
+
+
 def fleet_bases(s: Session, new: ModelManifest) -> tuple[list[Base], dict[str, int]]:
     """The published releases of ``new``'s model and variant, and install counts per sha256."""
     rows = s.scalars(
@@ -96,28 +112,36 @@ def sign_delta(
     variant: str,
     *,
     base_sha256: str,
-    patch: Path,
-) -> str:
-    """Sign ``patch`` (base -> the published release) as its delta target; its path.
+    patches: Mapping[int, Path],
+) -> list[str]:
+    """Sign each patch (format version -> file, base -> the published release); their paths.
 
-    The release's target must still be signed: its manifest is what the delta's
-    ``custom`` repeats, so a release revoked while its delta was building gets none.
+    All in one targets version, so a device never sees the version 2 patch without the
+    version 1 one. The release's target must still be signed: its manifest is what the
+    delta's ``custom`` repeats, so a release revoked while its delta was building gets none.
     """
     target = model_target_path(name, release, variant)
     info = repo.target_info(target)  # also picks up other processes' publishes
     new = ModelManifest.from_custom(info.custom)
-    path = delta_target_path(name, release, variant, base_sha256)
-    manifest = DeltaManifest(
-        name=name,
-        release=release,
-        variant=variant,
-        base_sha256=base_sha256,
-        target_sha256=new.sha256,
-        target_length=new.length,
-        target_path=target,
-    )
+    entries = []
+    for version, patch in sorted(patches.items()):
+        path = delta_target_path(name, release, variant, base_sha256, version)
+        manifest = DeltaManifest(
+            name=name,
+            release=release,
+            variant=variant,
+            base_sha256=base_sha256,
+            target_sha256=new.sha256,
+            target_length=new.length,
+            target_path=target,
+            format_version=version,
+        )
+        try:
+            entries.append((path, patch.read_bytes(), manifest.to_custom()))
+        except OSError as err:
+            raise DeltaBuildError(f"cannot read delta {path}: {err}") from err
     try:
-        repo.add_targets([(path, patch.read_bytes(), manifest.to_custom())])
+        repo.add_targets(entries)
     except OSError as err:
-        raise DeltaBuildError(f"cannot store delta {path}: {err}") from err
-    return path
+        raise DeltaBuildError(f"cannot store deltas {[p for p, _, _ in entries]}: {err}") from err
+    return [p for p, _, _ in entries]

@@ -192,6 +192,8 @@ def signed_deltas(targets: Mapping[str, TargetInfo], rows: Sequence[Model],
     """Variant of ``rows`` -> the deltas signed into it; ``every`` names their base releases.
 
     The patch method is not signed, so it is left empty; 0 is a base no longer published.
+    One per base: the smallest signed patch (the ANS-coded one when it is signed beside
+    the version 1 patch; its ``method`` then says ``format v2``).
     """
     releases = {(m.variant, m.sha256): m.release for m in every}
     into = {f"deltas/{m.name}/{m.release}/{m.variant}": m for m in rows}
@@ -201,7 +203,10 @@ def signed_deltas(targets: Mapping[str, TargetInfo], rows: Sequence[Model],
         if row is None:
             continue
         base = str(info.custom.get("base_sha256", ""))
+        method = "format v2" if info.custom.get("format_version", 1) == 2 else ""
         out.setdefault(row.variant, []).append(BuiltDelta(
-            releases.get((row.variant, base), 0), base, path, info.length, "", row.length,
+            releases.get((row.variant, base), 0), base, path, info.length, method, row.length,
         ))  # fmt: skip
-    return {v: sorted(d, key=lambda x: x.base_release) for v, d in out.items()}
+    smallest = {v: {d.base_sha256: d for d in sorted(ds, key=lambda x: -x.length)}
+                for v, ds in out.items()}  # fmt: skip
+    return {v: sorted(d.values(), key=lambda x: x.base_release) for v, d in smallest.items()}

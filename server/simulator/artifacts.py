@@ -28,12 +28,12 @@ from typing import TypeVar
 import requests
 
 from agent.common.errors import AgentError, VerificationError
-from agent.delta import apply_delta
+from agent.delta import ans_available, apply_delta
 from agent.protocol.api import DesiredTarget
 from agent.protocol.custom_fields import TargetInfo
-from agent.protocol.manifest import DeltaManifest, ModelManifest, delta_target_path
+from agent.protocol.manifest import DeltaManifest, ModelManifest
 from agent.update.download import DownloadLimits, download, target_url
-from agent.update.fetch import check_manifest
+from agent.update.fetch import DELTA_VIA, check_delta, check_manifest, delta_choices
 from agent.update.trust import TrustClient
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class SignedModel:
 class Fetched:
     """How a device gets the target's bytes, as the agent would report it."""
 
-    via: str  # "delta" | "full"
+    via: str  # "delta" | "delta-ans" | "full"
     bytes_downloaded: int
     delta_bytes: int
     fallback: str | None
@@ -166,7 +166,8 @@ class SharedArtifacts:
             return Fetched("full", target.length, 0, None, (target,))
         delta, problem = self._delta(model, base)
         if delta is not None and problem is None:
-            return Fetched("delta", delta.length, delta.length, None, (delta,))
+            via = DELTA_VIA[DeltaManifest.from_custom(delta.custom).format_version]
+            return Fetched(via, delta.length, delta.length, None, (delta,))
         self._file(target)
         # As the agent reports it: a delta fetched in vain counts on top of the full file.
         vain = (delta,) if delta is not None else ()
@@ -184,18 +185,19 @@ class SharedArtifacts:
         self, model: SignedModel, base: SignedModel
     ) -> tuple[TargetInfo | None, str | None]:
         m = model.manifest
-        path = delta_target_path(m.name, m.release, m.variant, base.info.sha256)
-        info = self._info(path)
+        # The agent's choice: the ANS-coded (version 2) delta when signed, else version 1.
+        for choice in delta_choices(
+            m.name, m.release, m.variant, base.info.sha256, ans=ans_available()
+        ):
+            info = self._info(choice.path)
+            if info is not None:
+                break
         if info is None:
             return None, f"no signed delta from {base.info.sha256[:12]}"
+        path = choice.path
         try:
             delta = DeltaManifest.from_custom(info.custom)
-            if (delta.base_sha256, delta.target_sha256, delta.target_length) != (
-                base.info.sha256,
-                model.info.sha256,
-                model.info.length,
-            ):
-                raise VerificationError(f"delta {path} is signed for another base or target")
+            check_delta(delta, choice, base.info.sha256, model.info)
             patch = self._file(info)
             rebuilt = self.cache_dir / "rebuilt" / model.info.sha256
             rebuilt.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,9 @@ from server.db.tables import Base, DeltaJob, Device, _BigId, utcnow
 log = logging.getLogger(__name__)
 
 GB = 1e9
+# ``delta-ans``: a format version 2 (ANS-coded) delta; it counts as a delta too.
+DELTA_VIAS = ("delta", "delta-ans")
+VIAS = (*DELTA_VIAS, "full", "aux")
 DEFAULT_PRICE_PER_GB = 0.09
 
 
@@ -69,7 +72,7 @@ def parse_report(detail: Any) -> dict[str, Any] | None:
     if isinstance(detail.get("detail"), dict) and "update_id" not in detail:
         detail = detail["detail"]  # MQTT events carry the report one level down
     update_id, via = detail.get("update_id"), detail.get("via")
-    if not isinstance(update_id, str) or via not in ("delta", "full", "aux"):
+    if not isinstance(update_id, str) or via not in VIAS:
         return None
     name, variant = detail.get("name"), detail.get("variant")
     if not isinstance(name, str) or not isinstance(variant, str):
@@ -146,6 +149,7 @@ class Totals:
     full_int8_bytes: int
     fp32_bytes: int | None
     aux_bytes: int = 0  # golden sets and TUF metadata
+    deltas_ans: int = 0  # of ``deltas``, those through an ANS-coded (version 2) patch
 
     def to_json(self, price_per_gb: float) -> dict[str, Any]:
         # Full files would have needed the same golden sets and metadata: the references
@@ -160,6 +164,7 @@ class Totals:
         return {
             "updates": self.updates,
             "deltas": self.deltas,
+            "deltas_ans": self.deltas_ans,
             "fallbacks": self.fallbacks,
             "bytes_sent": self.bytes_sent,
             "aux_bytes": self.aux_bytes,
@@ -184,12 +189,13 @@ def _totals_query(*group: Any) -> Any:
     return select(
         *group,
         func.sum(case((aux, 0), else_=1)),
-        func.sum(case((Download.via == "delta", 1), else_=0)),
+        func.sum(case((Download.via.in_(DELTA_VIAS), 1), else_=0)),
         func.count(Download.fallback),
         func.sum(Download.bytes_downloaded),
         func.sum(Download.target_bytes),
         fp32_known,
         func.sum(case((aux, Download.bytes_downloaded), else_=0)),
+        func.sum(case((Download.via == "delta-ans", 1), else_=0)),
     )
 
 
@@ -203,6 +209,7 @@ def _totals(row: Any, offset: int) -> Totals:
         full_int8_bytes=int(values[4] or 0),
         fp32_bytes=int(values[5]) if values[5] is not None else None,
         aux_bytes=int(values[6] or 0),
+        deltas_ans=int(values[7] or 0),
     )
 
 
