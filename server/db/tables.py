@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from server.config import normalize_db_url
+from server.db.schema import drop_version_table, make_current
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,20 @@ class EnrollmentToken(Base):
     note: Mapped[str] = mapped_column(String(200), default="")
 
 
+class ReenrollApproval(Base):
+    """An operator's one-time permission to re-enroll a device without its current token.
+
+    Consumed (deleted) by the enrollment it admits; worthless after ``expires_at``."""
+
+    __tablename__ = "reenroll_approvals"
+
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+
+
 class Model(Base):
     __tablename__ = "models"
     __table_args__ = (UniqueConstraint("name", "release", "variant", name="uq_models_release"),)
@@ -155,6 +170,55 @@ class ShadowAssignment(Base):
     every_n: Mapped[int]
     cpu_budget: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime]
+
+
+class PushRequest(Base):
+    """A device to tell "check in now" on its MQTT ``cmd`` topic (``server.push``).
+
+    One row per device: however many changes queue up before the pacer reaches
+    it, the device is told once. A table, not a queue in memory, so API replicas
+    and the scheduler process can all ask and one pacer drains, oldest first."""
+
+    __tablename__ = "push_requests"
+
+    device_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    reason: Mapped[str] = mapped_column(String(16))  # desired | shadow | revert | operator
+    requested_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class DeltaJob(Base):
+    """One delta to build after a publish (``server.publish.delta_jobs``): target, base,
+    state (queued, building, done, skipped, failed) and progress. A table, so replicas
+    share the queue and a restarted server finds what was left building."""
+
+    __tablename__ = "delta_jobs"
+    __table_args__ = (
+        UniqueConstraint("name", "release", "variant", "base_sha256", name="uq_delta_jobs_base"),
+        Index("ix_delta_jobs_state", "state", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    release: Mapped[int]
+    variant: Mapped[str] = mapped_column(String(32))
+    target_sha256: Mapped[str] = mapped_column(String(64))
+    target_bytes: Mapped[int] = mapped_column(BigInteger)
+    base_release: Mapped[int]
+    base_sha256: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(500))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    delta_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    method: Mapped[str | None] = mapped_column(String(32))
+    worker: Mapped[str | None] = mapped_column(String(64))  # who claimed it last
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Full downloads of this target by devices on this base while it was not built yet.
+    full_downloads: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
 
 
 class Event(Base):
@@ -291,10 +355,12 @@ class Database:
         return self.engine.dialect.name
 
     def create_all(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Make the schema current through the migrations (``server.db.schema``)."""
+        make_current(self.engine, Base.metadata)
 
     def drop_all(self) -> None:
         Base.metadata.drop_all(self.engine)
+        drop_version_table(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

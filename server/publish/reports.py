@@ -3,8 +3,8 @@
 A release published with its FP32 original and a validation set keeps the
 gate's full report (per-class accuracy, confusion changes, the reference
 distributions the field-accuracy work compares devices with) and any override.
-The report lives in its own table rather than in new columns of ``models``:
-``create_all`` adds missing tables to an existing database but never columns.
+The report lives in its own table rather than in new columns of ``models``, so
+reading a list of releases never drags the reports along.
 Lists read only the small columns (decision, summary, override); the full
 JSON is read one release at a time. ``choose_variant`` says which variant a
 request for "the report of release N" means; ``signed_deltas`` finds the
