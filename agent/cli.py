@@ -23,7 +23,13 @@ from agent.config import (
     render_config,
 )
 from agent.daemon import Agent, ensure_state_dir, resolve_profile
-from agent.identity import hardware_id, load_identity, save_enrollment
+from agent.identity import (
+    existing_identity,
+    hardware_id,
+    load_identity,
+    save_enrollment,
+    save_rotated,
+)
 from agent.profiles.detect import NoMatchingProfileError
 from agent.profiles.listing import list_profiles, render_table
 from agent.profiles.schema import Profile, default_profiles_dir, load_profiles
@@ -75,8 +81,13 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     ensure_state_dir(cfg.state_dir)
     root = Path(args.root).read_bytes() if args.root else None
     hw = args.hardware_id or hardware_id(Path(cfg.hw_root))
+    # Re-enrolling this device: its current token proves it is the device it replaces.
+    current = existing_identity(cfg.state_dir, args.server)
+    if current is not None:
+        log.info("presenting the device token of %s as proof of identity", current.device_id)
+    proof = current.device_token if current is not None else None
     try:
-        reply = DeviceClient(args.server).enroll(
+        reply = DeviceClient(args.server, token=proof).enroll(
             args.token,
             hw,
             profile.name,
@@ -95,6 +106,20 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render_config(replace(cfg, server=args.server)))
     print(f"enrolled as {ident.device_id} (profile {profile.name}); state in {cfg.state_dir}")
+    return 0
+
+
+def cmd_rotate_credentials(args: argparse.Namespace) -> int:
+    """New device token and MQTT password from the server, written atomically to device.json."""
+    cfg = load_config(Path(args.config))
+    ident = load_identity(cfg.state_dir)
+    client = DeviceClient(ident.server, ident.device_id, ident.device_token)
+    rotated = save_rotated(cfg.state_dir, ident, client.rotate_credentials())
+    # The daemon read the old identity at start; its token no longer works.
+    print(
+        f"rotated the credentials of {rotated.device_id}; restart the agent "
+        "(systemctl restart edgefleet-agent) so the daemon uses them"
+    )
     return 0
 
 
@@ -174,9 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument(
         "--replace",
         action="store_true",
-        help="take over the server's record of an already enrolled hardware id",
+        help="take over the server's record of an already enrolled hardware id (needs this "
+        "device's current identity in the state dir, or an operator's approve-reenroll)",
     )
     enroll.set_defaults(func=cmd_enroll)
+
+    rotate = sub.add_parser(
+        "rotate-credentials", help="get a new device token and MQTT password; the old ones die"
+    )
+    rotate.add_argument("--config", required=True)
+    rotate.set_defaults(func=cmd_rotate_credentials)
 
     profiles = sub.add_parser(
         "profiles", help="list the firmware profiles; * marks the one this board matches"

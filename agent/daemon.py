@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from agent.config import AgentConfig
 from agent.identity import Identity, load_identity, pinned_root
 from agent.profiles.detect import detect_profile
 from agent.profiles.schema import Profile, default_profiles_dir, load_profiles
-from agent.protocol.api import ShadowTarget
+from agent.protocol.api import CheckinResponse, ShadowTarget
 from agent.protocol.manifest import ModelManifest
 from agent.telemetry.sensors import idle_mw, make_sampler
 from agent.transport.device_api import DeviceClient
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 
 # The last flush on the way out must not hold up a SIGTERM stop for the full request timeout.
 STOP_FLUSH_TIMEOUT_S = 3.0
+# Each wait between polls is the interval times a draw from this range, so a fleet that
+# started together (a power cut, a site restart) does not keep polling in step.
+POLL_JITTER = (0.9, 1.1)
 
 
 def resolve_profile(cfg: AgentConfig) -> Profile:
@@ -126,7 +130,8 @@ class Agent:
             capture=lambda: capture_options(cfg),  # built with the first model: PyAV is lazy
             on_camera=self._camera_changed,
         )
-        trust = TrustClient(cfg.state_dir / "tuf", server, pinned_root(cfg.state_dir))
+        tuf_base = self.identity.tuf_url or server  # a CDN or bucket the server named
+        trust = TrustClient(cfg.state_dir / "tuf", tuf_base, pinned_root(cfg.state_dir))
         up = cfg.update
         limits = FetchLimits(
             max_model_bytes=up.max_model_bytes,
@@ -136,7 +141,7 @@ class Agent:
                 timeout_s=up.download_timeout_s,
             ),
         )
-        fetcher = TufFetcher(trust, server, limits, current=self._current_model)
+        fetcher = TufFetcher(trust, tuf_base, limits, current=self._current_model)
         self.shadow_fetcher = ShadowFetcher(fetcher, cfg.state_dir / "shadow")
         self.trust = trust
         self.golden = GoldenCache(fetcher, cfg.state_dir / "golden")
@@ -155,8 +160,12 @@ class Agent:
         )
         self.status = Status()
         self.poll_interval_s = up.poll_interval_s
+        # The last answer: its ETag makes the next check-in conditional, and a 304 means
+        # this answer still holds.
+        self.last_reply: CheckinResponse | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.publisher.on_command = self._wake.set  # a pushed check-in is served at once
         # Camera transitions come from the inference thread; the main loop reports them.
         self._camera_events: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
         self.camera_error: str | None = None
@@ -229,7 +238,7 @@ class Agent:
     def start(self) -> None:
         self.sampler.start()
         self.publisher.start()
-        self.updater.resume()
+        self.updater.resume(forward=False)  # undo a switched-in candidate before loading it
         active = self.slots.active()
         if active is not None:
             try:
@@ -238,6 +247,7 @@ class Agent:
                 log.error("active model in slot %s does not load: %s", active, err)
                 self.status.last_error = str(err)
         self.worker.start()
+        self.updater.resume()  # a cut download/verify/install: its health check needs the worker
         log.info(
             "agent %s started: device %s, profile %s, runtime %s x%d",
             __version__,
@@ -265,11 +275,14 @@ class Agent:
         """One check-in, and the update it asks for. True when a model was committed."""
         self.flush_events()  # whatever an earlier flush could not deliver
         try:
-            reply = self.client.checkin(self.updater.record.state.value, self.updater.installed())
+            reply = self.client.checkin(
+                self.updater.record.state.value, self.updater.installed(), self.last_reply
+            )
         except AgentError as err:
             self.status.last_error = str(err)
             log.warning("check-in failed: %s", err)
             return False
+        self.last_reply = reply
         self.status.checkins += 1
         self.poll_interval_s = max(1.0, reply.poll_interval_s)
         committed = False
@@ -325,11 +338,12 @@ class Agent:
         next_checkin = 0.0
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
-                if now >= next_checkin:
+                # Commands first: a pushed check-in and a due poll make one check-in, not two.
+                if self._handle_commands():
+                    next_checkin = 0.0
+                if time.monotonic() >= next_checkin:
                     self.checkin_once()
-                    next_checkin = time.monotonic() + self.poll_interval_s
-                self._handle_commands()
+                    next_checkin = time.monotonic() + self.poll_delay_s()
                 self._report_camera()
                 if self.worker.alive:
                     sdnotify.watchdog()
@@ -352,18 +366,27 @@ class Agent:
             self.camera_error = error
             self._report("camera", state, {"source": self.cfg.inference.frames, "error": error})
 
-    def _handle_commands(self) -> None:
+    def poll_delay_s(self) -> float:
+        """Until the next poll: the server's fallback interval with jitter. A server that
+        pushes asks for a long interval, and a push brings the check-in forward."""
+        return self.poll_interval_s * random.uniform(*POLL_JITTER)  # noqa: S311 - not a secret
+
+    def _handle_commands(self) -> bool:
+        """Act on queued ``cmd`` messages; True when one asks for a check-in now."""
+        checkin = False
         while not self.publisher.commands.empty():
             command = self.publisher.commands.get_nowait()
             action = command.get("action")
             if action == "checkin":
-                self._wake.set()
+                log.info("check-in pushed by the server (%s)", command.get("reason", "no reason"))
+                checkin = True
             elif action is None:
-                # Not a command: the embedded broker (amqtt) replays this device's own
-                # retained ``state`` message to its cmd subscription when it reconnects.
+                # Not a command (an older broker replayed a device's own retained state
+                # message to its cmd subscription); nothing to do.
                 log.debug("ignored a message without an action on the cmd topic: %r", command)
             else:
                 log.warning("unknown command %r", action)
+        return checkin
 
     def _status_line(self) -> str:
         installed = self.updater.installed()

@@ -21,14 +21,32 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from server.api import AppState, create_app
-from server.config import MqttEndpoint, ServerConfig, ensure_operator_token
+from server.api.workers import WorkerPool, WorkerSettings
+from server.config import MqttEndpoint, ServerConfig, ensure_operator_token, ensure_viewer_token
 from server.db.queries import check_mqtt_password, new_secret
 from server.db.tables import Database
-from server.errors import ConfigError, ServerError
-from server.mqtt.broker import INTERNAL_USERNAME, BrokerTls, EmbeddedBroker, MqttAuthorizer
-from server.mqtt.ingest import TelemetryIngest
+from server.errors import ConfigError, ConflictError, ServerError
+from server.mqtt.broker import (
+    INTERNAL_USERNAME,
+    BrokerTls,
+    EmbeddedBroker,
+    MqttAuthorizer,
+    limits_from_config,
+)
+from server.mqtt.ingest import TelemetryIngest, ingest_protocol
+from server.publish.artifact_store import open_store
+from server.publish.delta_worker import DeltaWorker
 from server.publish.keys import ROLES, init_keys, key_path
+from server.publish.repo_lock import (
+    PUBLISH_LOCK,
+    TUF_REPO_LOCK,
+    AdvisoryLock,
+    FileLock,
+    ProcessWideLock,
+    RepoLock,
+)
 from server.publish.tuf_repo import TufRepository
+from server.push.pacer import PushCollector, PushPacer
 from server.rollout.scheduler import RolloutScheduler, SchedulerProcess
 from server.rollout.service import ServiceConfig
 from server.telemetry.metrics import FleetMetrics
@@ -37,19 +55,42 @@ from server.telemetry.writer import RollupConfig, RollupWriter
 log = logging.getLogger(__name__)
 
 
-def open_or_create_repo(config: ServerConfig) -> TufRepository:
-    """Keys and repository are created on first start and reused afterwards."""
+def open_or_create_repo(config: ServerConfig, db: Database | None = None) -> TufRepository:
+    """Keys and repository are created on first start and reused afterwards.
+
+    On PostgreSQL, writes to the repository take an advisory lock (workers and
+    replicas); otherwise an flock in the repository directory.
+    """
     assert config.keys_dir is not None and config.repo_dir is not None
+    store = open_store(config.artifact_store, config.repo_dir, config.s3_endpoint_url)
+    lock = _cross_process_lock(config, db, TUF_REPO_LOCK, ".lock")
     if not any(key_path(config.keys_dir, role).exists() for role in ROLES):
-        if TufRepository.exists(config.repo_dir):
+        if TufRepository.exists(config.repo_dir, store):
             raise ConfigError(
-                f"{config.repo_dir} holds a TUF repository but {config.keys_dir} has no keys; "
-                "restore the keys rather than re-creating them"
+                f"{store.describe()} holds a TUF repository but {config.keys_dir} has no "
+                "keys; restore the keys rather than re-creating them"
             )
         init_keys(config.keys_dir)
-    if TufRepository.exists(config.repo_dir):
-        return TufRepository.open(config.repo_dir, config.keys_dir)
-    return TufRepository.create(config.repo_dir, config.keys_dir)
+    args = (config.repo_dir, config.keys_dir, None, store, lock)
+    if TufRepository.exists(config.repo_dir, store):
+        return TufRepository.open(*args)
+    try:
+        return TufRepository.create(*args)
+    except ConflictError:  # another worker or replica created it first
+        return TufRepository.open(*args)
+
+
+def _cross_process_lock(cfg: ServerConfig, db: Database | None, key: int, name: str) -> RepoLock:
+    """An advisory lock on PostgreSQL (workers, replicas), else an flock in the repo dir."""
+    if db is not None and db.dialect == "postgresql":
+        return AdvisoryLock(db.engine, key)
+    assert cfg.repo_dir is not None
+    return FileLock(cfg.repo_dir / name)
+
+
+def publish_lock(cfg: ServerConfig, db: Database) -> ProcessWideLock:
+    """Serialises whole publishes across this server's processes and replicas."""
+    return ProcessWideLock(_cross_process_lock(cfg, db, PUBLISH_LOCK, ".publish.lock"))
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -84,11 +125,20 @@ class ServerHandle:
     writer: RollupWriter | None = None
     metrics: FleetMetrics | None = None
     scheduler: RolloutScheduler | SchedulerProcess | None = None
+    workers: WorkerPool | None = None  # --workers N: the HTTP processes (server.api.workers)
+    pacer: PushPacer | None = None  # None: the server does not push (push_rate_per_s 0)
+    delta_worker: DeltaWorker | None = None  # None: delta_workers 0
 
     def stop(self) -> None:
         self._stop.set()
+        if self.pacer is not None:
+            self.pacer.stop()  # before the ingest: it publishes through the ingest's client
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.delta_worker is not None:
+            self.delta_worker.stop()  # a delta cut short is queued again
+        if self.workers is not None:
+            self.workers.stop()
         if self._uvicorn is not None and self._thread is not None:
             self._uvicorn.should_exit = True
             self._thread.join(timeout=15)
@@ -147,6 +197,7 @@ def _start_mqtt(
         cfg.broker_max_connections,
         tls=tls,
         hold_devices_until_ingest=True,
+        limits=limits_from_config(cfg),
     )
     port = broker.start(cfg.startup_timeout_s)
     host, ingest_port = broker.ingest_address
@@ -210,11 +261,11 @@ def start_server(config: ServerConfig) -> ServerHandle:
     cfg = config.resolve()
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     token = ensure_operator_token(cfg)
-    repo = open_or_create_repo(cfg)
     assert cfg.db_url is not None
     with contextlib.ExitStack() as undo:  # on failure, stops what was started, newest first
         db = Database(cfg.db_url, pool_size=cfg.http_threads)
         undo.callback(db.dispose)
+        repo = open_or_create_repo(cfg, db)
         scheduler = _scheduler(cfg, db)  # a bad choice fails before anything starts
         db.create_all()
         writer = RollupWriter(db, RollupConfig.from_server(cfg))
@@ -232,14 +283,32 @@ def start_server(config: ServerConfig) -> ServerHandle:
             sink=writer,
             on_subscribed=broker.ingest_ready if broker is not None else None,
             manual_ack=broker is None and cfg.ingest_ack_after_commit,  # see server.mqtt.ingest
+            share_group=cfg.ingest_share_group,
+            protocol=ingest_protocol(cfg.ingest_mqtt_version, external=broker is None),
         )
         undo.callback(ingest.stop)
         ingest.start(cfg.startup_timeout_s)
         metrics = FleetMetrics(db, cfg, writer=writer, ingest=ingest)
+        pacer = None
+        if cfg.push_rate_per_s > 0:
+            pacer = PushPacer(
+                db, ingest.publish_command, cfg.push_rate_per_s, connected=lambda: ingest.connected
+            )
+            pacer.start()
+            undo.callback(pacer.stop)
+            metrics.registry.register(PushCollector(pacer))
         sock = _bind(cfg.host, cfg.port)
         undo.callback(sock.close)
-        server, thread = _start_http(cfg, AppState(cfg, db, repo, token, public), sock, metrics)
-        undo.callback(_stop_http, server, thread)
+        pool, server, thread = None, None, None
+        if cfg.workers > 1:  # N processes serve HTTP; this one runs the services once
+            viewer = ensure_viewer_token(cfg, token)
+            pool = WorkerPool(WorkerSettings(cfg, token, viewer, public), sock, cfg.workers)
+            pool.start(cfg.startup_timeout_s)
+            undo.callback(pool.stop)
+        else:
+            state = AppState(cfg, db, repo, token, public, publish_lock(cfg, db))
+            server, thread = _start_http(cfg, state, sock, metrics)
+            undo.callback(_stop_http, server, thread)
         handle = ServerHandle(
             config=cfg,
             url=_display_url(sock),
@@ -254,10 +323,15 @@ def start_server(config: ServerConfig) -> ServerHandle:
             _thread=thread,
             writer=writer,
             metrics=metrics,
+            pacer=pacer,
+            workers=pool,
         )
         handle.scheduler = scheduler
         metrics.add_scheduler(scheduler)
         scheduler.start()
+        if cfg.delta_workers > 0:  # beside the scheduler: once per server, not per HTTP worker
+            handle.delta_worker = DeltaWorker(db, repo, cfg.delta_workers)
+            handle.delta_worker.start()
         handle.start_refresher()
         undo.pop_all()  # started: from here on the handle's stop() owns every part
     log.info("fleet server API at %s (MQTT %s:%s)", handle.url, public.host, public.port)

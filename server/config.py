@@ -27,6 +27,13 @@ VIEWER_TOKEN_FILE = "viewer.token"  # noqa: S105
 ROLLOUT_TICK_ENV = "EDGEFLEET_ROLLOUT_TICK_S"
 METRICS_TOKEN_ENV = "EDGEFLEET_METRICS_TOKEN"  # noqa: S105 - a variable name, not a secret
 _MIN_TOKEN_CHARS = 16
+_MAX_MQTT_PACKET = 268_435_460  # MQTT's largest remaining length plus a 5-byte fixed header
+POLL_INTERVAL_S = 30.0  # devices poll this often when the server does not push
+PUSH_POLL_INTERVAL_S = 900.0  # with pushes, polling is the fallback (Mender: 30 min)
+# A push makes a device check in at once. 250/s is about a seventh of what one server
+# process answers (~1,700 check-ins/s) and of the embedded broker's QoS 1 rate (~1,400/s),
+# leaving room for the steady load, and tells a 65,000-device stage in about 4.3 min.
+DEFAULT_PUSH_RATE_PER_S = 250.0
 
 
 @dataclass(frozen=True)
@@ -98,13 +105,27 @@ class ServerConfig:
     operator_token: str | None = None
     viewer_token: str | None = None  # None: $EDGEFLEET_VIEWER_TOKEN, else viewer.token
     enrollment_tokens: tuple[str, ...] = ()
-    poll_interval_s: float = 30.0
+    # What the check-in answer tells devices. 0: automatic, PUSH_POLL_INTERVAL_S while the
+    # server pushes (polling is then only the fallback), else POLL_INTERVAL_S.
+    poll_interval_s: float = 0.0
+    # Check-in commands pushed over MQTT per second (server.push.pacer); 0: no pushes.
+    push_rate_per_s: float = DEFAULT_PUSH_RATE_PER_S
     # Request threads, and as many pooled database connections: a request never waits
     # for a connection, and none is opened and closed per request under load.
     http_threads: int = 16
     keys_dir: Path | None = None
     repo_dir: Path | None = None
     tuf_refresh_interval_s: float = 3600.0  # re-sign TUF roles before they expire
+    # Scale-out (server.api.workers): HTTP worker processes (more than 1 needs PostgreSQL);
+    # where TUF metadata and targets are stored (None: repo_dir; a directory; or
+    # s3://bucket/prefix, endpoint from s3_endpoint_url or $AWS_ENDPOINT_URL); and the
+    # base URL devices fetch them from (a CDN, the bucket's URL; None: this server).
+    workers: int = 1
+    # Delta builds at a time (server.publish.delta_worker); 0: this server builds none.
+    delta_workers: int = 1
+    artifact_store: str | None = None
+    s3_endpoint_url: str | None = None
+    targets_url: str | None = None
     # Limits
     max_upload_bytes: int = 256 * 1024 * 1024
     max_json_bytes: int = 256 * 1024
@@ -114,7 +135,22 @@ class ServerConfig:
     recent_events: int = 20
     list_limit: int = 10_000
     broker_max_connections: int = 100_000
+    # Largest MQTT packet (fixed header included, as Mosquitto's max_packet_size counts
+    # it): a client sending more is disconnected before the packet is read. Must leave
+    # room for max_telemetry_bytes plus topic and headers.
+    mqtt_max_packet_bytes: int = 256 * 1024
+    # Embedded broker: messages a session may hold (queued + in flight). The ingest's
+    # session never drops: at this limit devices' publishes wait (they keep them in
+    # their outboxes); a device's cmd queue drops the newest instead.
+    broker_max_queued_messages: int = 10_000
+    broker_max_inflight_messages: int = 64  # unacknowledged QoS 1 deliveries per client
     ingest_client_id: str = "edgefleet-server-ingest"
+    # Several ingest processes (each with its own ingest_client_id) share the device
+    # stream through "$share/<group>/..." (Mosquitto 2, EMQX, the embedded broker).
+    ingest_share_group: str | None = None
+    # "auto": MQTT 5 on an external broker (subscribes with "do not send retained"),
+    # 3.1.1 on the embedded one (which never replays retained messages to the ingest).
+    ingest_mqtt_version: str = "auto"
     mqtt_keepalive_s: int = 30
     startup_timeout_s: float = 20.0
     log_level: str = "info"
@@ -133,7 +169,7 @@ class ServerConfig:
     ingest_queue_max: int = 20_000  # beyond this the MQTT thread waits (back-pressure)
     retention_prune_interval_s: float = 3600.0
     max_clock_skew_s: float = 300.0  # a device timestamp further ahead uses the receive time
-    # Seen within this long (at least 3 check-in intervals) and not "offline" = online.
+    # Seen within this long and not "offline" = online (see presence_window_s).
     online_window_s: float = 120.0
     metrics_window_s: float = 120.0  # the gauges summarise this much recent telemetry
     metrics_cache_s: float = 5.0  # scrapes closer together reuse the last answer
@@ -147,6 +183,15 @@ class ServerConfig:
     # "process": the scheduler in a process of its own (PostgreSQL only; see
     # server.rollout.scheduler); "thread": in this process; "auto": process on PostgreSQL.
     rollout_scheduler: str = "auto"
+    # Rate limits (token buckets, server.api.rate_limit); a rate of 0 turns one off. They
+    # are per server process: N replicas admit up to N times as much. Generous on purpose:
+    # they stop floods and runaway devices; a site enrolling hundreds of cameras with one
+    # token, or a device polling every 0.3 s, must never trip them.
+    enroll_rate_per_s: float = 5.0  # per enrollment token
+    enroll_burst: int = 1000
+    checkin_rate_per_s: float = 5.0  # per device (token)
+    checkin_burst: int = 30
+    rate_limit_keys: int = 200_000  # buckets kept per limiter (LRU): the fleet plus headroom
 
     @property
     def token_file(self) -> Path:
@@ -172,8 +217,12 @@ class ServerConfig:
                 raise ConfigError(f"{name} {value} is not a TCP port")
         if not self.rollout_tick_interval_s > 0:
             raise ConfigError("rollout_tick_interval_s must be positive")
-        if self.poll_interval_s <= 0:
-            raise ConfigError("poll_interval_s must be positive")
+        if not self.poll_interval_s >= 0 or not self.push_rate_per_s >= 0:
+            raise ConfigError("poll_interval_s and push_rate_per_s must not be negative")
+        poll = self.poll_interval_s or (
+            PUSH_POLL_INTERVAL_S if self.push_rate_per_s > 0 else POLL_INTERVAL_S
+        )
+        _check_scale_out(self, db_url)
         if self.rollout_scheduler not in ("auto", "thread", "process"):
             raise ConfigError("rollout_scheduler must be auto, thread or process")
         if not 1 <= self.http_threads <= 256:
@@ -182,11 +231,13 @@ class ServerConfig:
             if getattr(self, name) < 1024:
                 raise ConfigError(f"{name} must be at least 1024")
         self._check_telemetry_limits()
+        self._check_mqtt_limits()
         cert, key, ca = _check_tls_files(self)
         return dataclasses.replace(
             self,
             data_dir=data,
             db_url=db_url,
+            poll_interval_s=poll,
             mqtt_public_tls=self.mqtt_public_tls or self.mqtt_tls_cert_file is not None,
             metrics_token=_check_metrics_token(
                 self.metrics_token or os.environ.get(METRICS_TOKEN_ENV)
@@ -217,6 +268,35 @@ class ServerConfig:
         if self.max_clock_skew_s < 0 or self.metrics_cache_s < 0:
             raise ConfigError("max_clock_skew_s and metrics_cache_s must not be negative")
 
+    def _check_mqtt_limits(self) -> None:
+        if not self.max_telemetry_bytes + 1024 <= self.mqtt_max_packet_bytes <= _MAX_MQTT_PACKET:
+            raise ConfigError(
+                f"mqtt_max_packet_bytes must be between max_telemetry_bytes + 1024 "
+                f"({self.max_telemetry_bytes + 1024}) and {_MAX_MQTT_PACKET}"
+            )
+        if self.broker_max_queued_messages < 1:
+            raise ConfigError("broker_max_queued_messages must be >= 1")
+        if not 1 <= self.broker_max_inflight_messages <= 65_535:
+            raise ConfigError("broker_max_inflight_messages must be within 1..65535")
+        group = self.ingest_share_group
+        if group is not None and (not group or any(c in group for c in "/+#")):
+            raise ConfigError("ingest_share_group must be a non-empty name without / + #")
+        if self.ingest_mqtt_version not in ("auto", "3.1.1", "5"):
+            raise ConfigError("ingest_mqtt_version must be auto, 3.1.1 or 5")
+
+    @property
+    def presence_window_s(self) -> float:
+        """How long after it was last seen a device still counts as online.
+
+        A device's telemetry windows (every 10 s) refresh ``last_seen`` as check-ins do,
+        and its MQTT will marks it offline at once. Check-ins alone set the floor only
+        when they are the devices' sole contact, i.e. when the server does not push:
+        with pushes a quarter-hour poll would keep a dead camera "online" for 45 min.
+        """
+        if self.push_rate_per_s > 0:
+            return self.online_window_s
+        return max(self.online_window_s, 3 * self.poll_interval_s)
+
     def mqtt_endpoint(self) -> MqttEndpoint | None:
         if not self.mqtt_url:
             return None
@@ -224,6 +304,20 @@ class ServerConfig:
         if self.mqtt_ca_file is not None:
             endpoint = dataclasses.replace(endpoint, ca_file=str(self.mqtt_ca_file))
         return endpoint
+
+
+def _check_scale_out(cfg: ServerConfig, db_url: str) -> None:
+    if not 1 <= cfg.workers <= 64:
+        raise ConfigError("workers must be within 1..64")
+    if not 0 <= cfg.delta_workers <= 16:
+        raise ConfigError("delta_workers must be within 0..16")
+    if cfg.workers > 1 and not db_url.startswith("postgresql"):
+        raise ConfigError(
+            f"--workers {cfg.workers} needs PostgreSQL (--db-url postgresql://...): "
+            "SQLite is one process's database"
+        )
+    if cfg.targets_url is not None and not cfg.targets_url.startswith(("http://", "https://")):
+        raise ConfigError(f"targets URL {cfg.targets_url!r} must be an http(s) URL")
 
 
 def _check_metrics_token(token: str | None) -> str | None:

@@ -14,7 +14,8 @@ from types import FrameType
 
 from server import __version__
 from server.app import start_server
-from server.config import OPERATOR_TOKEN_ENV, ServerConfig
+from server.config import DEFAULT_PUSH_RATE_PER_S, OPERATOR_TOKEN_ENV, ServerConfig
+from server.db.commands import add_db_parser, run_db
 from server.errors import ConfigError, ServerError
 
 log = logging.getLogger("edgefleet.server")
@@ -92,7 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="edgefleet-server-ingest",
         help="MQTT client id of the telemetry subscriber (unique per server replica)",
     )
-    run.add_argument("--poll-interval", type=float, default=30.0, help="device check-in seconds")
+    run.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.0,
+        help="device check-in seconds (default: 900 while pushing check-ins over MQTT, else 30)",
+    )
+    run.add_argument(
+        "--push-rate",
+        type=float,
+        default=DEFAULT_PUSH_RATE_PER_S,
+        help=f"check-in commands pushed per second (default {DEFAULT_PUSH_RATE_PER_S:g}; "
+        "0 = no pushes: devices poll)",
+    )
     run.add_argument(
         "--rollout-scheduler",
         choices=("auto", "thread", "process"),
@@ -103,7 +116,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-threads", type=int, default=16, help="request threads and pooled DB connections"
     )
     run.add_argument("--max-upload-mb", type=int, default=256, help="model upload size limit")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="HTTP worker processes (PostgreSQL only); background services run once",
+    )
+    run.add_argument(
+        "--delta-workers",
+        type=int,
+        default=1,
+        help="deltas built at a time after publish; 0: this server builds none",
+    )
+    run.add_argument(
+        "--artifact-store",
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="where TUF metadata and targets are stored (default DATA/repo); S3 credentials "
+        "from the usual AWS_* variables",
+    )
+    run.add_argument(
+        "--s3-endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, else AWS)"
+    )
+    run.add_argument(
+        "--targets-url",
+        metavar="URL",
+        help="base URL devices fetch TUF metadata and targets from (a CDN or the bucket's "
+        "public URL; default this server)",
+    )
+    # Rate limits, per server process (N replicas admit N times as much); 0 = no limit.
+    run.add_argument(
+        "--enroll-rate", type=float, default=5.0, help="enrollments/s per enrollment token"
+    )
+    run.add_argument("--enroll-burst", type=int, default=1000, help="enrollments at once")
+    run.add_argument("--checkin-rate", type=float, default=5.0, help="check-ins/s per device")
+    run.add_argument("--checkin-burst", type=int, default=30, help="check-ins at once")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_db_parser(sub)  # edgefleet-server db upgrade|current|check|history
     return parser
 
 
@@ -145,10 +193,20 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         operator_token=operator_token,
         enrollment_tokens=tuple(tokens),
         poll_interval_s=args.poll_interval,
+        push_rate_per_s=args.push_rate,
         http_threads=args.http_threads,
         rollout_scheduler=args.rollout_scheduler,
         ingest_client_id=args.ingest_client_id,
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        workers=args.workers,
+        delta_workers=args.delta_workers,
+        artifact_store=args.artifact_store,
+        s3_endpoint_url=args.s3_endpoint_url,
+        targets_url=args.targets_url,
+        enroll_rate_per_s=args.enroll_rate,
+        enroll_burst=args.enroll_burst,
+        checkin_rate_per_s=args.checkin_rate,
+        checkin_burst=args.checkin_burst,
         log_level=args.log_level,
         mqtt_tls_cert_file=args.mqtt_tls_cert,
         mqtt_tls_key_file=args.mqtt_tls_key,
@@ -191,10 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.log_level != "debug":
-        # amqtt logs every connection and state transition at INFO.
-        for noisy in ("amqtt", "transitions"):
+        # Alembic logs its setup at INFO (server.db.schema logs the upgrade itself).
+        for noisy in ("alembic",):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if args.command == "db":
+            return run_db(args)
         return run(config_from_args(args))
     except ServerError as err:
         print(f"edgefleet-server: error: {err}", file=sys.stderr)

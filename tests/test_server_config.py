@@ -1,4 +1,4 @@
-"""Who counts as online: a dead camera must not look alive for a whole fallback poll."""
+"""Server settings that shape the fleet: presence with pushes, and bounded delta workers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.config import PUSH_POLL_INTERVAL_S, ServerConfig
+from server.errors import ConfigError
 
 
 def resolved(tmp_path: Path, **kw: float) -> ServerConfig:
@@ -26,3 +27,10 @@ def test_without_pushes_presence_covers_three_check_ins(
 ) -> None:
     cfg = resolved(tmp_path, push_rate_per_s=0.0, poll_interval_s=poll)
     assert cfg.presence_window_s == expected
+
+
+def test_delta_workers_are_bounded(tmp_path: Path) -> None:
+
+    assert resolved(tmp_path, delta_workers=0).delta_workers == 0  # this server builds none
+    with pytest.raises(ConfigError, match="delta_workers"):
+        resolved(tmp_path, delta_workers=-1)

@@ -21,6 +21,9 @@ EVENTS_PATH = f"{API_PREFIX}/devices/{{device_id}}/events"
 # ``{"stored": n}``. An update's steps are sent together, not one request each.
 EVENTS_BATCH_PATH = f"{API_PREFIX}/devices/{{device_id}}/events/batch"
 MAX_EVENT_BATCH = 64
+# Device-authenticated: a new device token and MQTT password, ``{"device_id", "device_token",
+# "mqtt"}``; the old ones stop working.
+CREDENTIALS_PATH = f"{API_PREFIX}/devices/{{device_id}}/credentials"
 TUF_METADATA_PREFIX = "/tuf/metadata/"
 TUF_TARGETS_PREFIX = "/tuf/targets/"
 
@@ -56,14 +59,39 @@ class EnrollResponse:
     device_token: str
     mqtt: MqttCredentials
     tuf_root: dict[str, Any]
+    # Where /tuf/metadata/ and /tuf/targets/ are served (a CDN, a bucket): None, the server.
+    tuf_url: str | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> EnrollResponse:
+        tuf_url = data.get("tuf_url") if isinstance(data, dict) else None
+        if tuf_url is not None and not (
+            isinstance(tuf_url, str) and tuf_url.startswith(("http://", "https://"))
+        ):
+            raise ProtocolError("server reply has a tuf_url that is not an http(s) URL")
         return cls(
             device_id=check_device_id(_field(data, "device_id", str)),
             device_token=_field(data, "device_token", str),
             mqtt=MqttCredentials.from_json(_field(data, "mqtt", dict)),
             tuf_root=_field(data, "tuf_root", dict),
+            tuf_url=tuf_url,
+        )
+
+
+@dataclass(frozen=True)
+class CredentialsResponse:
+    """The answer to a credential rotation (``CREDENTIALS_PATH``)."""
+
+    device_id: str
+    device_token: str
+    mqtt: MqttCredentials
+
+    @classmethod
+    def from_json(cls, data: Any) -> CredentialsResponse:
+        return cls(
+            device_id=check_device_id(_field(data, "device_id", str)),
+            device_token=_field(data, "device_token", str),
+            mqtt=MqttCredentials.from_json(_field(data, "mqtt", dict)),
         )
 
 
@@ -155,9 +183,17 @@ class ShadowTarget:
 
 @dataclass(frozen=True)
 class CheckinResponse:
+    """The check-in answer. ``poll_interval_s`` is the fallback: a server that pushes
+    ``{"action": "checkin"}`` on the device's ``cmd`` topic asks for a long one.
+
+    ``etag`` is the answer's HTTP ETag (not in the body): sent back as
+    ``If-None-Match``, the server answers 304 with no body while nothing changed.
+    """
+
     desired: DesiredTarget | None
     poll_interval_s: float
     shadow: ShadowTarget | None = None  # absent in replies from servers before shadowing
+    etag: str | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> CheckinResponse:

@@ -6,16 +6,20 @@ so a broken or hostile server yields a ``ProtocolError``, never a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 
 import requests
+import urllib3
 
 from agent import __version__
 from agent.common.errors import ProtocolError, ServerRequestError
 from agent.protocol import api
+from agent.transport.deadline import Deadline, DeadlineExceededError, open_stream, read_body
 from agent.transport.event_queue import PendingEvent, batch_body
 
 log = logging.getLogger(__name__)
@@ -40,12 +44,17 @@ class DeviceClient:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
     def _post(self, path: str, body: dict[str, Any], timeout_s: float | None = None) -> Any:
+        """One exchange, bounded as a whole: ``timeout_s`` is an overall deadline (connect,
+        headers and body), not a per-read timeout (``agent.transport.deadline``)."""
         url = self.base_url + path
-        timeout = self.timeout_s if timeout_s is None else timeout_s
+        deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
         try:
-            resp = self.session.post(url, json=body, timeout=timeout, stream=True)
-            raw = resp.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
-        except requests.RequestException as err:
+            budget = deadline.budget_s
+            with open_stream(self.session, "POST", url, deadline, budget, json=body) as resp:
+                raw = read_body(resp, deadline, budget, MAX_RESPONSE_BYTES)
+        except DeadlineExceededError:
+            raise
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as err:
             raise ServerRequestError(f"cannot reach {url}: {err}") from err
         if len(raw) > MAX_RESPONSE_BYTES:
             raise ProtocolError(f"reply from {path} exceeds {MAX_RESPONSE_BYTES} bytes")
@@ -80,9 +89,57 @@ class DeviceClient:
         }
         return api.EnrollResponse.from_json(self._post(api.ENROLL_PATH, body))
 
-    def checkin(self, state: str, installed: api.InstalledModel | None) -> api.CheckinResponse:
+    def rotate_credentials(self) -> api.CredentialsResponse:
+        """A new device token and MQTT password; the ones this client holds stop working."""
+        reply = self._post(self._device_path(api.CREDENTIALS_PATH), {})
+        return api.CredentialsResponse.from_json(reply)
+
+    def checkin(
+        self,
+        state: str,
+        installed: api.InstalledModel | None,
+        previous: api.CheckinResponse | None = None,
+    ) -> api.CheckinResponse:
+        """Check in; with ``previous`` (the last answer) conditionally: a 304 from the
+        server means nothing changed, and ``previous`` is the answer."""
         body = api.checkin_body(state, installed, __version__)
-        return api.CheckinResponse.from_json(self._post(self._device_path(api.CHECKIN_PATH), body))
+        etag = previous.etag if previous is not None else None
+        path = self._device_path(api.CHECKIN_PATH)
+        status, raw, new_etag = self._post_conditional(path, body, etag)
+        if status == HTTPStatus.NOT_MODIFIED:
+            if previous is None:
+                raise ProtocolError(f"{path} answered 304 to an unconditional check-in")
+            return previous
+        try:
+            data = json.loads(raw)
+        except ValueError as err:
+            raise ProtocolError(f"reply from {path} is not JSON") from err
+        return dataclasses.replace(api.CheckinResponse.from_json(data), etag=new_etag)
+
+    def _post_conditional(
+        self, path: str, body: dict[str, Any], etag: str | None
+    ) -> tuple[int, bytes, str | None]:
+        """``_post`` with ``If-None-Match``: (status, raw body, the answer's ETag)."""
+        url = self.base_url + path
+        deadline = Deadline(self.timeout_s)
+        headers = {"If-None-Match": etag} if etag else {}
+        try:
+            budget = deadline.budget_s
+            with open_stream(
+                self.session, "POST", url, deadline, budget, json=body, headers=headers
+            ) as resp:
+                raw = read_body(resp, deadline, budget, MAX_RESPONSE_BYTES)
+        except DeadlineExceededError:
+            raise
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as err:
+            raise ServerRequestError(f"cannot reach {url}: {err}") from err
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise ProtocolError(f"reply from {path} exceeds {MAX_RESPONSE_BYTES} bytes")
+        if resp.status_code >= 400:
+            raise ServerRequestError(
+                f"{path} answered {resp.status_code}: {_error_text(raw)}", resp.status_code
+            )
+        return resp.status_code, raw, resp.headers.get("ETag")
 
     def event(self, kind: str, state: str, detail: dict[str, Any]) -> None:
         body = {"type": kind, "state": state, "detail": detail}

@@ -14,6 +14,7 @@ import queue
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,8 @@ class Publisher:
         self.settings = settings
         self.outbox = outbox
         self.commands: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=100)
+        # Called (paho's thread) after a command is queued: the daemon wakes at once.
+        self.on_command: Callable[[], None] | None = None
         self._connected = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -92,6 +95,9 @@ class Publisher:
             self.commands.put_nowait(command)
         except (ValueError, queue.Full) as err:
             log.warning("ignored command on %s: %s", msg.topic, err)
+            return
+        if self.on_command is not None:
+            self.on_command()
 
     # -- public API ----------------------------------------------------------
     def start(self) -> None:

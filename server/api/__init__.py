@@ -9,10 +9,22 @@ import anyio.to_thread
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import accuracy, bandwidth, devices, mqtt_export, operator, rollouts, telemetry, tuf
+from server.api import (
+    accuracy,
+    bandwidth,
+    credentials,
+    delta_jobs,
+    devices,
+    mqtt_export,
+    operator,
+    rollouts,
+    telemetry,
+    tuf,
+)
 from server.api.deps import AppState
 from server.api.error_handlers import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
+from server.api.rate_limit import install_rate_limits
 from server.config import ensure_viewer_token
 from server.console.routes import install_console
 from server.console.session import SessionSigner
@@ -55,6 +67,7 @@ def create_app(state: AppState, metrics: FleetMetrics | None = None) -> FastAPI:
     app.state.edgefleet = state
     app.state.edgefleet_metrics = metrics or FleetMetrics(state.db, state.config)
     install_error_handlers(app)
+    install_rate_limits(app, state.config)
     app.include_router(devices.router)
     app.include_router(operator.router)
     app.include_router(operator.upload_router)
@@ -63,8 +76,11 @@ def create_app(state: AppState, metrics: FleetMetrics | None = None) -> FastAPI:
     app.include_router(telemetry.metrics_router)
     app.include_router(mqtt_export.router)
     app.include_router(bandwidth.router)
+    app.include_router(delta_jobs.router)
     app.include_router(accuracy.router)
     app.include_router(rollouts.router)
+    app.include_router(credentials.router)
+    app.include_router(credentials.operator_router)
     install_console(app)
 
     @app.get("/healthz", tags=["meta"])

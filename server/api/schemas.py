@@ -92,6 +92,7 @@ class EnrollOut(BaseModel):
     device_token: str
     mqtt: MqttOut
     tuf_root: dict[str, Any]
+    tuf_url: str | None = None  # base of /tuf/ when not this server (--targets-url)
 
 
 class InstalledIn(_DeviceInput):
