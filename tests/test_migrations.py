@@ -1,5 +1,5 @@
 """Schema migrations on SQLite and PostgreSQL: a database made by the last release
-(``tests/fixtures/schema_c6bf72c``, its ``create_all`` frozen as SQL) is stamped and
+(``tests/schemas/c6bf72c``, its ``create_all`` frozen as SQL) is stamped and
 upgraded by a real server start with its rows kept; an empty database reaches head
 and matches the models; a database migrated by a newer server is refused."""
 
@@ -37,7 +37,7 @@ from server.db.schema import (
 )
 from server.db.tables import make_engine
 
-DUMPS = Path(__file__).parent / "fixtures" / "schema_c6bf72c"
+DUMPS = Path(__file__).parent / "schemas" / "c6bf72c"
 NOW = datetime(2026, 12, 1, 9, 30, tzinfo=timezone.utc)
 DEVICE = "dev-0001"
 
