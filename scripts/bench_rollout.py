@@ -5,7 +5,8 @@
 
 1. A fresh schema in PostgreSQL (127.0.0.1:5432, database ``test``), dropped at the end.
 2. ``edgefleet-server run`` in its own process on 127.0.0.1 (PostgreSQL, Mosquitto or
-   ``--embedded-broker``), the rollout scheduler ticking every ``--tick`` seconds.
+   ``--embedded-broker``) with ``--workers`` HTTP processes (default 2), the rollout
+   scheduler ticking every ``--tick`` seconds.
 3. Releases 1 and 2 of the test model published over REST. The devices are created
    directly in the database with the server's own ``store.enroll_device`` and
    ``store.record_checkin`` (already on release 1): enrolling 65,000 devices over
@@ -14,8 +15,13 @@
    HTTP (If-None-Match), update events over HTTP (and MQTT for the linked
    sample), telemetry windows over MQTT for ``--mqtt-devices`` devices spread over
    the fleet (the gates' sample). Each device, for each update, refreshes its TUF
-   metadata and downloads its own delta over HTTP (``--artifacts-url`` for a static
-   host; default the server's /tuf/ paths) and reports the bytes.
+   metadata and downloads its own delta over HTTP and reports the bytes. Where from:
+   with nginx installed (``--static auto``, the default), a private nginx on a free
+   loopback port (its own config under the run's directory, started and stopped
+   by the bench) serves the server's repository directory, and the server runs
+   with ``--targets-url`` pointing at it, as a deployment behind a CDN would;
+   ``--static server`` serves /tuf/ from the server, ``--artifacts-url`` names
+   another static host.
 5. Push mode (the default): the server pushes ``checkin`` commands at ``--push-rate``
    per second and advertises a long fallback poll (900 s unless ``--poll-interval``).
    The linked sample hears its commands on its own MQTT session; the rest of the
@@ -25,10 +31,12 @@
    turns pushes off: devices poll every ``--poll-interval`` (default 60) seconds.
 6. ``--steady`` seconds of steady state are measured first, then a rollout of
    release 2 to every device, stages 1%,10%,50%,100%, soak ``--soak``.
-   The engine tick is timed by the server's own scheduler, which keeps the
-   rollout's device facts in memory between ticks (``rollout.service.snapshot``):
-   the mean over the rollout comes from its ``edgefleet_rollout_tick_seconds`` and
-   ``edgefleet_rollout_ticks`` counters on ``/metrics``, read before and after.
+   The mean engine tick comes from the scheduler's ``edgefleet_rollout_tick*`` counters
+   on ``/metrics`` (with ``--workers`` > 1, from the decisions' ``tick_ms`` seen while
+   watching). Telemetry windows are ``--window`` (5) s, compressed like the soak: the
+   gates want 3 windows a device on the new release before a stage may pass.
+7. Without autovacuum on the server (as here), the bench vacuums and analyzes its own
+   schema at autovacuum's default thresholds: the planner needs the bulk load's statistics.
 
 Loopback only; bounded by ``--max-minutes``. The last line is exactly
 ``devices=N checkins_per_s=X p99_ms=Y errors=E tick_ms=T p99_steady_ms=S
@@ -44,10 +52,11 @@ reports agreement) and ``shadow_windows=W`` is appended.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +64,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
-from bench_server import fresh_schema, load_average, publish, server_process, tick_counters  # noqa: E402
+from bench_server import (  # noqa: E402
+    autovacuum_on,
+    fresh_schema,
+    load_average,
+    mean_tick_ms,
+    publish,
+    server_process,
+    static_host,
+    tick_counters,
+    vacuum_like_autovacuum,
+)
 
 from agent.protocol.api import DesiredTarget, InstalledModel, MqttCredentials  # noqa: E402
 from agent.protocol.manifest import model_target_path  # noqa: E402
@@ -65,6 +84,7 @@ from server.simulator import Fleet, FleetThread, SimConfig, WindowSpec, build_be
 from server.simulator.provision import provision  # noqa: E402
 
 STAGES = "1%,10%,50%,100%"
+_VACUUM_EVERY_S = 15.0  # autovacuum's naptime is 60 s; its workers then run for a while
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,9 @@ class Bench:
     steady_s: float = 30.0
     download_connections: int = 16
     artifacts_url: str | None = None
+    nginx: str | None = None  # serve /tuf/ from a private nginx (the server's --targets-url)
+    workers: int = 1  # the server's HTTP processes
+    vacuum: bool = False  # stand in for autovacuum on this run's schema (a server without it)
 
     @property
     def push(self) -> bool:
@@ -123,8 +146,17 @@ def progress(done: int, total: int) -> None:
 
 def run(bench: Bench, work: Path) -> str:
     say(f"start: {load_average()}")
+    if bench.nginx:  # the server's repository directory, served as the deployment's CDN
+        with static_host(work / "repo", work / "nginx", bench.nginx) as static:
+            say(f"TUF metadata and targets from nginx at {static} (the server's --targets-url)")
+            return serve(replace(bench, artifacts_url=static), work, targets_url=static)
+    return serve(bench, work, targets_url=None)
+
+
+def serve(bench: Bench, work: Path, targets_url: str | None) -> str:
     kw: dict[str, Any] = {"poll_s": bench.poll_s, "push_rate": bench.push_rate,
-                          "mqtt_url": bench.mqtt_url, "tick_s": bench.tick_s}  # fmt: skip
+                          "mqtt_url": bench.mqtt_url, "tick_s": bench.tick_s,
+                          "targets_url": targets_url, "workers": bench.workers}  # fmt: skip
     with fresh_schema(bench.db_url) as db_url, server_process(db_url, work, **kw) as srv:
         say(
             f"server pid {srv['pid']} at {srv['url']} on PostgreSQL "
@@ -165,6 +197,11 @@ def run(bench: Bench, work: Path) -> str:
             f"functions in {time.perf_counter() - started:.1f} s (no HTTP enrollment); "
             "all traffic from here on is HTTP/MQTT"
         )
+        if not autovacuum_on(db_url):  # the planner needs statistics of the bulk load
+            bench = replace(bench, vacuum=True)
+            tables = vacuum_like_autovacuum(db_url, analyze_all=True)
+            say(f"PostgreSQL runs without autovacuum: the bench stands in for it on its "
+                f"schema ({len(tables)} tables analyzed after the load)")  # fmt: skip
         root = requests.get(srv["url"] + "/tuf/metadata/1.root.json", timeout=30).content
         desired = DesiredTarget(model_target_path("digits", 1, "int8-cpu"), "digits", 1, "int8-cpu")
         fleet = FleetThread(
@@ -178,14 +215,21 @@ def run(bench: Bench, work: Path) -> str:
             db.dispose()
 
 
-def watch(bench: Bench, fleet: FleetThread, op: requests.Session, url: str) -> tuple[str, int]:
+def watch(
+    bench: Bench, fleet: FleetThread, op: requests.Session, srv: dict[str, Any], rollout_id: str
+) -> tuple[str, int, list[float]]:
     """Print each change of the rollout until it stops running, the time is up or Ctrl-C."""
     end = time.monotonic() + bench.max_minutes * 60
     state, stage, last_line = "running", 1, ""
+    url, ticks = f"{srv['url']}/api/v1/rollouts/{rollout_id}", []  # tick_ms at each look
+    vacuumed = time.monotonic()
     try:
         while time.monotonic() < end:
             detail = op.get(url, timeout=120).json()
             state, stage = detail["state"], detail["stage"]
+            tick = (detail.get("decision") or {}).get("tick_ms")
+            if isinstance(tick, (int, float)):
+                ticks.append(float(tick))
             waiting = "; ".join(detail.get("waiting") or [])
             line = f"stage {stage}/4 {state}: {detail['reason'][:120]}" + (
                 f" [waiting: {waiting[:160]}]" if waiting else ""
@@ -200,10 +244,13 @@ def watch(bench: Bench, fleet: FleetThread, op: requests.Session, url: str) -> t
                 last_line = line
             if state not in ("running", "awaiting_approval"):
                 break
+            if bench.vacuum and time.monotonic() - vacuumed > _VACUUM_EVERY_S:
+                vacuum_like_autovacuum(srv["db_url"])
+                vacuumed = time.monotonic()
             time.sleep(bench.status_every_s)
     except KeyboardInterrupt:  # Ctrl-C: stop here and still report what was measured
         say("interrupted")
-    return state, stage
+    return state, stage, ticks
 
 
 def drive(bench: Bench, fleet: FleetThread, srv: dict[str, Any]) -> str:
@@ -241,19 +288,19 @@ def drive(bench: Bench, fleet: FleetThread, srv: dict[str, Any]) -> str:
     ticks_before, seconds_before = tick_counters(srv["url"], srv["token"])
     resp.raise_for_status()
     rollout_id = resp.json()["id"]
+    if bench.vacuum:  # its device rows were just written: as autovacuum's analyze would
+        vacuum_like_autovacuum(srv["db_url"])
     say(f"rollout {rollout_id}: release 2 to {bench.devices} devices in stages {STAGES}")
-    state, stage = watch(bench, fleet, op, f"{srv['url']}/api/v1/rollouts/{rollout_id}")
+    state, stage, sampled = watch(bench, fleet, op, srv, rollout_id)
     steady_p99 = steady.checkin_p99_by_phase_ms.get("steady")
     updated_s = fleet_updated(bench, fleet, created)
-    ticks_after, seconds_after = tick_counters(srv["url"], srv["token"])
-    ticks = ticks_after - ticks_before
+    tick_ms, how = mean_tick_ms(srv["url"], srv["token"], (ticks_before, seconds_before), sampled)
+    say(how)
     report = fleet.report()
     say(f"end: {load_average()}")
     say(report.summary())
     if report.error_kinds:
         say(f"errors by kind: {report.error_kinds}")
-    tick_ms = 1000 * (seconds_after - seconds_before) / ticks if ticks else float("nan")
-    say(f"engine ticks by the server's scheduler: {ticks:.0f}, mean {tick_ms:.1f} ms")
     if state != "completed":
         say(f"the rollout did not complete within the run: it is {state} in stage {stage}/4")
     errors = report.errors + (0 if state == "completed" else 1)
@@ -297,25 +344,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embedded-broker", action="store_true", help="use the server's own broker")
     p.add_argument("--mqtt-devices", type=int, default=300, help="MQTT-linked sample (gates)")
     p.add_argument("--poll", action="store_true", help="no pushes: devices poll (old mode)")
-    p.add_argument(
-        "--poll-interval",
-        type=float,
-        default=0.0,
-        help="check-in interval the server sets (default 900 s pushing, 60 polling)",
-    )
+    p.add_argument("--poll-interval", type=float, default=0.0,
+                   help="check-in interval (default 900 s push, 60 poll)")  # fmt: skip
     p.add_argument("--push-rate", type=float, default=250.0, help="pushes per second")
     p.add_argument("--steady", type=float, default=30.0, help="steady-state seconds measured")
     p.add_argument("--artifacts-url", help="static host with /tuf/ (default: the server)")
     p.add_argument(
-        "--download-connections",
-        type=int,
-        default=16,
-        help="simulator connections for metadata and targets",
+        "--static",
+        choices=("nginx", "server", "auto"),
+        default="auto",
+        help="who serves /tuf/: a private nginx on loopback (the server's --targets-url) or "
+        "the server itself; auto: nginx when installed and no --artifacts-url is given",
     )
+    p.add_argument("--download-connections", type=int, default=16,
+                   help="simulator connections for metadata and targets")  # fmt: skip
+    p.add_argument("--workers", type=int, default=2, help="the server's HTTP processes")
     p.add_argument("--tick", type=float, default=1.0, help="rollout scheduler interval (s)")
     p.add_argument("--soak", default="5s", help="per-stage soak, compressed")
-    p.add_argument("--window", type=float, default=10.0, help="telemetry window (s)")
-    p.add_argument("--connections", type=int, default=32, help="simulator HTTP connections")
+    p.add_argument(
+        "--window", type=float, default=5.0, help="telemetry window (s), compressed like the soak"
+    )
+    p.add_argument("--connections", type=int, default=16, help="simulator HTTP connections")
     p.add_argument("--max-minutes", type=float, default=90.0, help="stop the rollout after this")
     p.add_argument("--shadow-every", type=int, default=0, help="shadow 1 frame in N per stage")
     p.add_argument("--shadow-duration", default="10s", help="shortest shadow phase per stage")
@@ -323,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.devices <= 100_000:
         p.error("--devices must be within 1..100000")
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if args.static == "nginx" and not nginx:
+        p.error("--static nginx: no nginx installed (apt-get install -y nginx-light)")
+    use_nginx = args.static == "nginx" or (
+        args.static == "auto" and nginx is not None and not args.artifacts_url
+    )
     bench = Bench(
         devices=args.devices, db_url=args.db_url,
         mqtt_url=None if args.embedded_broker else args.mqtt_url,
@@ -330,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         poll_s=args.poll_interval or (60.0 if args.poll else 0.0),
         push_rate=0.0 if args.poll else args.push_rate, steady_s=args.steady,
         artifacts_url=args.artifacts_url, download_connections=args.download_connections,
+        nginx=nginx if use_nginx else None, workers=args.workers,
         soak=args.soak, window_s=args.window, connections=args.connections,
         max_minutes=args.max_minutes, shadow_every=args.shadow_every,
         shadow_duration=args.shadow_duration, shadow_timeout=args.shadow_timeout,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_helpers import FIXTURES, Operator
+from fleet_helpers import FIXTURES, Operator, wait_for_deltas
 from waiting import wait_for
 
 from agent.common.errors import VerificationError
@@ -47,6 +47,7 @@ def published(module_server: ServerHandle) -> ServerHandle:
                 "input_range": "0,1",
             },
         )
+    wait_for_deltas(op.call, "digits", 2)  # built after publish, by the server's worker
     return module_server
 
 
