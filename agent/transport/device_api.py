@@ -46,11 +46,30 @@ class DeviceClient:
     def _post(self, path: str, body: dict[str, Any], timeout_s: float | None = None) -> Any:
         """One exchange, bounded as a whole: ``timeout_s`` is an overall deadline (connect,
         headers and body), not a per-read timeout (``agent.transport.deadline``)."""
+        _status, raw, _etag = self._exchange(path, body, timeout_s=timeout_s)
+        try:
+            return json.loads(raw)
+        except ValueError as err:
+            raise ProtocolError(f"reply from {path} is not JSON") from err
+
+    def _exchange(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        etag: str | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[int, bytes, str | None]:
+        """POST ``body`` (with ``If-None-Match: etag`` when given): the status, the raw
+        body and the answer's ETag; 4xx/5xx and oversized answers are errors."""
         url = self.base_url + path
         deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
+        headers = {"If-None-Match": etag} if etag else {}
         try:
             budget = deadline.budget_s
-            with open_stream(self.session, "POST", url, deadline, budget, json=body) as resp:
+            with open_stream(
+                self.session, "POST", url, deadline, budget, json=body, headers=headers
+            ) as resp:
                 raw = read_body(resp, deadline, budget, MAX_RESPONSE_BYTES)
         except DeadlineExceededError:
             raise
@@ -62,10 +81,7 @@ class DeviceClient:
             raise ServerRequestError(
                 f"{path} answered {resp.status_code}: {_error_text(raw)}", resp.status_code
             )
-        try:
-            return json.loads(raw)
-        except ValueError as err:
-            raise ProtocolError(f"reply from {path} is not JSON") from err
+        return resp.status_code, raw, resp.headers.get("ETag")
 
     def enroll(
         self,
@@ -105,7 +121,7 @@ class DeviceClient:
         body = api.checkin_body(state, installed, __version__)
         etag = previous.etag if previous is not None else None
         path = self._device_path(api.CHECKIN_PATH)
-        status, raw, new_etag = self._post_conditional(path, body, etag)
+        status, raw, new_etag = self._exchange(path, body, etag=etag)
         if status == HTTPStatus.NOT_MODIFIED:
             if previous is None:
                 raise ProtocolError(f"{path} answered 304 to an unconditional check-in")
@@ -115,31 +131,6 @@ class DeviceClient:
         except ValueError as err:
             raise ProtocolError(f"reply from {path} is not JSON") from err
         return dataclasses.replace(api.CheckinResponse.from_json(data), etag=new_etag)
-
-    def _post_conditional(
-        self, path: str, body: dict[str, Any], etag: str | None
-    ) -> tuple[int, bytes, str | None]:
-        """``_post`` with ``If-None-Match``: (status, raw body, the answer's ETag)."""
-        url = self.base_url + path
-        deadline = Deadline(self.timeout_s)
-        headers = {"If-None-Match": etag} if etag else {}
-        try:
-            budget = deadline.budget_s
-            with open_stream(
-                self.session, "POST", url, deadline, budget, json=body, headers=headers
-            ) as resp:
-                raw = read_body(resp, deadline, budget, MAX_RESPONSE_BYTES)
-        except DeadlineExceededError:
-            raise
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as err:
-            raise ServerRequestError(f"cannot reach {url}: {err}") from err
-        if len(raw) > MAX_RESPONSE_BYTES:
-            raise ProtocolError(f"reply from {path} exceeds {MAX_RESPONSE_BYTES} bytes")
-        if resp.status_code >= 400:
-            raise ServerRequestError(
-                f"{path} answered {resp.status_code}: {_error_text(raw)}", resp.status_code
-            )
-        return resp.status_code, raw, resp.headers.get("ETag")
 
     def event(self, kind: str, state: str, detail: dict[str, Any]) -> None:
         body = {"type": kind, "state": state, "detail": detail}
