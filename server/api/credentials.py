@@ -73,17 +73,10 @@ def rotate_credentials(device_id: DeviceId, request: Request) -> CredentialsOut:
     with st.db.session() as s:
         creds = device_credentials.rotate_credentials(s, device_id, token_hash)
     log.info("rotated the credentials of device %s", device_id)
-    mqtt = st.mqtt_public
     return CredentialsOut(
         device_id=creds.device_id,
         device_token=creds.device_token,
-        mqtt=MqttOut(
-            host=mqtt.host,
-            port=mqtt.port,
-            username=creds.device_id,
-            password=creds.mqtt_password,
-            tls=mqtt.tls,
-        ),
+        mqtt=MqttOut.login(st.mqtt_public, creds.device_id, creds.mqtt_password),
     )
 
 

@@ -91,17 +91,10 @@ def enroll(body: EnrollIn, request: Request) -> EnrollOut:
         creds.device_id,
         body.profile,
     )
-    mqtt = st.mqtt_public
     return EnrollOut(
         device_id=creds.device_id,
         device_token=creds.device_token,
-        mqtt=MqttOut(
-            host=mqtt.host,
-            port=mqtt.port,
-            username=creds.device_id,
-            password=creds.mqtt_password,
-            tls=mqtt.tls,
-        ),
+        mqtt=MqttOut.login(st.mqtt_public, creds.device_id, creds.mqtt_password),
         tuf_root=tuf_root,
         tuf_url=st.config.targets_url,
     )

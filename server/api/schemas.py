@@ -22,6 +22,7 @@ from pydantic import (
 
 from agent.protocol.api import MAX_EVENT_BATCH
 from agent.protocol.manifest import VARIANTS
+from server.config import MqttEndpoint
 from server.db.queries import TAG_KEY, TAG_VALUE, parse_tag
 from server.db.tables import as_utc
 from server.errors import ServerError
@@ -85,6 +86,14 @@ class MqttOut(BaseModel):
     username: str
     password: str
     tls: bool
+
+    @classmethod
+    def login(cls, public: MqttEndpoint, device_id: str, password: str) -> MqttOut:
+        """The broker address devices use, with this device's new MQTT login."""
+        return cls(
+            host=public.host, port=public.port, username=device_id, password=password,
+            tls=public.tls,
+        )  # fmt: skip
 
 
 class EnrollOut(BaseModel):
