@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import psycopg
-import pytest
+from conftest import service_unavailable
 from waiting import wait_for
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -39,7 +39,7 @@ def test_vacuum_like_autovacuum_touches_only_tables_past_the_thresholds() -> Non
         schema = fresh_schema(PG)
         url = schema.__enter__()
     except psycopg.OperationalError as err:  # pragma: no cover - no database here
-        pytest.skip(f"no PostgreSQL: {err}")
+        service_unavailable("PostgreSQL", err)
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE TABLE churned (a int PRIMARY KEY, b int)")
