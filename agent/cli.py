@@ -22,7 +22,7 @@ from agent.config import (
     load_config,
     render_config,
 )
-from agent.daemon import Agent, ensure_state_dir, resolve_profile
+from agent.daemon import Agent, ensure_state_dir
 from agent.identity import (
     existing_identity,
     hardware_id,
@@ -30,6 +30,7 @@ from agent.identity import (
     save_enrollment,
     save_rotated,
 )
+from agent.profiles.choice import resolve_profile
 from agent.profiles.detect import NoMatchingProfileError
 from agent.profiles.listing import list_profiles, render_table
 from agent.profiles.schema import Profile, default_profiles_dir, load_profiles

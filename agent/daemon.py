@@ -20,8 +20,7 @@ from agent import __version__, sdnotify
 from agent.common.errors import AgentError, ConfigError, SmokeTestError
 from agent.config import AgentConfig
 from agent.identity import Identity, load_identity, pinned_root
-from agent.profiles.detect import detect_profile
-from agent.profiles.schema import Profile, default_profiles_dir, load_profiles
+from agent.profiles.choice import resolve_profile, runtime_choice
 from agent.protocol.api import CheckinResponse, ShadowTarget
 from agent.protocol.manifest import ModelManifest
 from agent.telemetry.sensors import idle_mw, make_sampler
@@ -34,7 +33,7 @@ from agent.update.fetch import FetchLimits, TufFetcher
 from agent.update.golden_cache import GoldenCache
 from agent.update.shadow_fetch import ShadowFetcher
 from agent.update.slots import SlotStore
-from agent.update.smoke import RuntimeChoice, golden_set_problem, score_golden_set, smoke_test
+from agent.update.smoke import golden_set_problem, score_golden_set, smoke_test
 from agent.update.trust import TrustClient, TrustUnavailableError
 from agent.update.updater import Updater
 from agent.worker import InferenceWorker
@@ -51,11 +50,6 @@ STOP_FLUSH_TIMEOUT_S = 3.0
 POLL_JITTER = (0.9, 1.1)
 
 
-def resolve_profile(cfg: AgentConfig) -> Profile:
-    directory = Path(cfg.profiles_dir) if cfg.profiles_dir else default_profiles_dir()
-    return detect_profile(load_profiles(directory), Path(cfg.hw_root), cfg.profile)
-
-
 def capture_options(cfg: AgentConfig) -> CaptureOptions:
     """Live-source timings from the ``[camera]`` table."""
     from agent.inference.capture import CaptureOptions  # noqa: PLC0415 - numpy with the model
@@ -67,16 +61,6 @@ def capture_options(cfg: AgentConfig) -> CaptureOptions:
         open_timeout_s=cam.open_timeout_s,
         backoff_max_s=max(cam.backoff_max_s, 0.5),
         rtsp_transport=cam.rtsp_transport,
-    )
-
-
-def runtime_choice(cfg: AgentConfig, profile: Profile) -> RuntimeChoice:
-    spec = profile.runtime
-    return RuntimeChoice(
-        runtime=cfg.inference.runtime or spec.type,
-        num_threads=cfg.inference.num_threads or spec.num_threads,
-        delegate=spec.delegate,
-        delegate_device=spec.delegate_device,
     )
 
 
