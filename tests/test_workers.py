@@ -206,8 +206,16 @@ def test_workers_serve_the_api_and_services_run_once(server: Running) -> None:
     assert len(server.workers()) == 2 and victim not in {w.pid for w in server.workers()}
 
     server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(timeout=60) == 0
+    assert _stopped(server) == 0
     assert not [p for p in workers[1:] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _stopped(server: Running, timeout_s: float = 120) -> int:
+    """The server's exit code after a stop request; on a hang, what it last logged."""
+    try:
+        return server.proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no exit {timeout_s:.0f} s after SIGTERM; last log:\n{server.drain()[-4000:]}")
 
 
 def test_sigterm_to_the_whole_process_group_stops_the_server(server: Running) -> None:
@@ -215,7 +223,7 @@ def test_sigterm_to_the_whole_process_group_stops_the_server(server: Running) ->
     rollout scheduler and the HTTP workers too, not only the server."""
     assert len(server.workers()) == 2
     os.killpg(server.proc.pid, signal.SIGTERM)
-    assert server.proc.wait(timeout=60) == 0
+    assert _stopped(server) == 0
 
 
 def test_workers_on_sqlite_are_refused_in_one_line(
